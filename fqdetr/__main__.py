@@ -1,0 +1,3 @@
+from fqdetr.cli import main
+
+raise SystemExit(main())
