@@ -1,0 +1,21 @@
+"""fqkernels: mixed-precision fake-quant and per-sample Fisher kernels for PyTorch.
+
+    import fqkernels as fk
+    y = fk.fake_quant(x, scale, bits=4, signed=True, axis=None)
+    y = fk.quant_linear(x, weight, bias, w_scale=..., a_scale=..., w_bits=4, a_bits=8)
+    fk.per_sample_fisher(x, grad_out, batch_dim=0)   # [out, in]: sum_n (D_n^T X_n)^2
+
+Backends: reference (pure PyTorch), cpu (C++/OpenMP), triton, cuda; see
+``available_backends()`` and ``backend_for(op, tensor)``; ``FQ_BACKEND`` forces one.
+"""
+from fqkernels import reference
+from fqkernels.backends import available_backends, backend_for
+from fqkernels.fake_quant import fake_quant, lsq_grad_factor
+from fqkernels.fisher import per_sample_fisher, per_sample_sq_norms
+from fqkernels.quant_linear import quant_linear
+from fqkernels.quant_matmul import quant_matmul
+
+__all__ = [
+    "available_backends", "backend_for", "fake_quant", "lsq_grad_factor", "per_sample_fisher",
+    "per_sample_sq_norms", "quant_linear", "quant_matmul", "reference",
+]

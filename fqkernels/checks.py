@@ -1,0 +1,57 @@
+"""Argument checks shared by the public ops: each failure is a ValueError or
+TypeError naming the argument and what was expected."""
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_bits(bits, name="bits"):
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"{name}: expected an int bit-width in 2..8, got {type(bits).__name__}")
+    if not 2 <= bits <= 8:
+        raise ValueError(f"{name}: expected a bit-width in 2..8, got {bits}")
+
+
+def check_tensor(t, name, dtypes=FLOAT_DTYPES, dim=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype {names}, got {str(t.dtype).replace('torch.', '')}")
+    if dim is not None and t.dim() not in (dim if isinstance(dim, tuple) else (dim,)):
+        raise ValueError(f"{name}: expected {dim} dimensions, got shape {list(t.shape)}")
+
+
+def check_same_device(ref, ref_name, t, name):
+    if t is not None and t.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref_name}'s device {ref.device}, got {t.device}")
+
+
+def as_scale(scale, name, like, numel):
+    """Turns a float or tensor scale into a float32 tensor of ``numel`` elements,
+    checking that every element is finite and positive (this reads the values, so on
+    a GPU it synchronises once per call)."""
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"{name}: expected a finite positive scale, got {scale}")
+        return torch.full((numel,), float(scale), dtype=torch.float32, device=like.device)
+    check_tensor(scale, name, dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16))
+    check_same_device(like, "the input", scale, name)
+    if scale.numel() != numel:
+        raise ValueError(f"{name}: expected {numel} element(s), got shape {list(scale.shape)}")
+    if numel and not bool(torch.isfinite(scale).all() & (scale > 0).all()):
+        raise ValueError(f"{name}: expected finite positive values, got min {scale.min().item():g} "
+                         f"(NaN/Inf or <= 0 present)")
+    return scale if scale.dtype == torch.float32 else scale.float()
+
+
+def normalize_axis(axis, x, name="axis"):
+    if axis is None:
+        return None
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"{name}: expected None or an int dimension, got {type(axis).__name__}")
+    if not -x.dim() <= axis < x.dim():
+        raise ValueError(f"{name}: expected a dimension of the input (ndim {x.dim()}), got {axis}")
+    return axis % x.dim()
