@@ -1,0 +1,17 @@
+"""Quantized modules, configuration, model swaps, calibration and export."""
+from fqdetr.quant.attention import QuantMultiheadAttention
+from fqdetr.quant.calibrate import calibrate
+from fqdetr.quant.config import LayerQuantConfig, QuantConfig
+from fqdetr.quant.export import export_quantized, save_quantized
+from fqdetr.quant.modules import QuantConv2d, QuantLinear
+from fqdetr.quant.quantizer import Quantizer, scale_from_data
+from fqdetr.quant.swap import (QUANT_MODULES, QuantizationReport, quantize_model, quantized_modules,
+                               set_fake_quant, to_float)
+
+QuantSpec = LayerQuantConfig  # the per-layer spec under the name DESIGN.md uses
+
+__all__ = [
+    "LayerQuantConfig", "QUANT_MODULES", "QuantConfig", "QuantConv2d", "QuantLinear", "QuantMultiheadAttention",
+    "QuantSpec", "QuantizationReport", "Quantizer", "calibrate", "export_quantized", "quantize_model",
+    "quantized_modules", "save_quantized", "scale_from_data", "set_fake_quant", "to_float",
+]

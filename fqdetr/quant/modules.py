@@ -1,0 +1,106 @@
+"""QuantLinear and QuantConv2d: drop-in subclasses of nn.Linear / nn.Conv2d.
+
+They keep the float module's parameter names (``weight``, ``bias``), so a float
+checkpoint loads into a quantized model and vice versa, and add
+``weight_quantizer.scale`` [out] and ``input_quantizer.scale`` [1].
+
+QuantLinear runs the fused ``fqkernels.quant_linear`` (and accumulates per-sample
+Fisher in its backward when a collector sets ``fisher_accumulator``). QuantConv2d
+fake-quantizes both operands with the elementwise ``fqkernels.fake_quant`` kernel
+and then calls the framework's convolution (no fused quantized convolution yet).
+"""
+import torch.nn.functional as F
+from torch import nn
+
+import fqkernels as fk
+from fqdetr.quant.config import LayerQuantConfig
+from fqdetr.quant.quantizer import Quantizer
+
+
+def _make_quantizers(module, config, channels):
+    module.weight_quantizer = Quantizer(config.w_bits, True, channels, 0, config.calibration, config.percentile,
+                                        config.lsq_grad_scale)
+    module.weight_quantizer.init_from(module.weight)
+    module.input_quantizer = None
+    if config.a_bits is not None:
+        module.input_quantizer = Quantizer(config.a_bits, config.a_signed, 1, None, config.calibration,
+                                           config.percentile, config.lsq_grad_scale)
+    module.fake_quant_enabled = True
+
+
+class QuantLinear(nn.Linear):
+    """nn.Linear with fake-quantized weights (per output channel) and input (per tensor).
+
+    Input [*, in_features] -> [*, out_features]. ``fisher_accumulator`` ([out, in] float32 or
+    None) and ``fisher_batch_dim`` are set by ``fqdetr.FisherCollector``.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, config=None, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.quant_config = config or LayerQuantConfig()
+        _make_quantizers(self, self.quant_config, out_features)
+        self.fisher_accumulator = None
+        self.fisher_batch_dim = 0
+
+    @classmethod
+    def from_float(cls, linear, config=None):
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, config,
+                device=linear.weight.device, dtype=linear.weight.dtype)
+        q.weight = linear.weight
+        q.bias = linear.bias
+        q.weight_quantizer.init_from(q.weight)
+        return q
+
+    def to_float(self):
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear
+
+    def forward(self, x):
+        if not self.fake_quant_enabled:
+            return F.linear(x, self.weight, self.bias)
+        wq, aq = self.weight_quantizer, self.input_quantizer
+        a_scale = aq.prepare(x) if aq is not None else None
+        return fk.quant_linear(
+            x, self.weight, self.bias, w_scale=wq.scale, a_scale=a_scale, w_bits=wq.bits,
+            a_bits=aq.bits if aq is not None else None, a_signed=bool(aq.signed) if aq is not None else True,
+            fisher=self.fisher_accumulator, fisher_batch_dim=self.fisher_batch_dim,
+            w_grad_factor=wq.grad_factor(self.weight), a_grad_factor=aq.grad_factor(x) if aq is not None else 1.0)
+
+
+class QuantConv2d(nn.Conv2d):
+    """nn.Conv2d with fake-quantized weights (per output channel) and input (per tensor).
+
+    Input [batch, in_channels, H, W] -> [batch, out_channels, H', W'].
+    """
+
+    def __init__(self, *args, config=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.quant_config = config or LayerQuantConfig()
+        _make_quantizers(self, self.quant_config, self.out_channels)
+
+    @classmethod
+    def from_float(cls, conv, config=None):
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"conv: padding_mode {conv.padding_mode!r} is not supported (expected 'zeros')")
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                conv.groups, conv.bias is not None, config=config, device=conv.weight.device,
+                dtype=conv.weight.dtype)
+        q.weight, q.bias = conv.weight, conv.bias
+        q.weight_quantizer.init_from(q.weight)
+        return q
+
+    def to_float(self):
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, self.bias is not None, device=self.weight.device,
+                         dtype=self.weight.dtype)
+        conv.weight, conv.bias = self.weight, self.bias
+        return conv
+
+    def forward(self, x):
+        if not self.fake_quant_enabled:
+            return super().forward(x)
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)

@@ -1,0 +1,121 @@
+"""Module swaps: ``quantize_model`` (prepare) and ``to_float`` (undo), plus switches.
+
+    qmodel, report = quantize_model(model, QuantConfig(w_bits=4), return_report=True)
+    print(report)           # what was swapped, with bits, and what was left in float
+
+Any nn.Module works: nn.Linear, nn.Conv2d and nn.MultiheadAttention children are
+replaced by their Quant* counterparts sharing the same parameters.
+"""
+import copy
+import logging
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from fqdetr.quant.attention import QuantMultiheadAttention
+from fqdetr.quant.config import QuantConfig
+from fqdetr.quant.modules import QuantConv2d, QuantLinear
+
+log = logging.getLogger(__name__)
+
+_SWAPS = {nn.MultiheadAttention: QuantMultiheadAttention, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+QUANT_MODULES = (QuantLinear, QuantConv2d, QuantMultiheadAttention)
+
+
+@dataclass
+class QuantizationReport:
+    swapped: dict = field(default_factory=dict)  # name -> "QuantLinear w4a8"
+    skipped: list = field(default_factory=list)  # swappable but skipped by the config
+    left_float: list = field(default_factory=list)  # other modules holding parameters
+
+    def __str__(self):
+        lines = [f"quantized {len(self.swapped)} module(s):"]
+        lines += [f"  {name}: {what}" for name, what in self.swapped.items()]
+        lines.append(f"skipped by config: {', '.join(self.skipped) or 'none'}")
+        lines.append(f"left in float (not swappable): {', '.join(self.left_float) or 'none'}")
+        return "\n".join(lines)
+
+
+def _swap_target(module):
+    for float_type, quant_type in _SWAPS.items():
+        if isinstance(module, float_type) and not isinstance(module, QUANT_MODULES):
+            return quant_type
+    return None
+
+
+def _describe(qmodule, cfg):
+    a = f"a{cfg.a_bits}" if cfg.a_bits is not None else "a-float"
+    extra = f", attention products {cfg.attn_bits}-bit" if getattr(cfg, "quantize_attention", False) and \
+        isinstance(qmodule, QuantMultiheadAttention) else ""
+    return f"{type(qmodule).__name__} w{cfg.w_bits}{a}{extra}"
+
+
+def _swap_children(parent, prefix, config, report):
+    for child_name, child in parent.named_children():
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        target = _swap_target(child)
+        if target is None:
+            if isinstance(child, QUANT_MODULES):
+                continue
+            if any(True for _ in child.parameters(recurse=False)):
+                report.left_float.append(name)
+            _swap_children(child, name, config, report)
+            continue
+        layer_cfg = config.for_layer(name)
+        if layer_cfg is None:
+            report.skipped.append(name)
+            continue
+        qchild = target.from_float(child, layer_cfg)
+        setattr(parent, child_name, qchild)
+        report.swapped[name] = _describe(qchild, layer_cfg)
+
+
+def quantize_model(model, config=None, inplace=False, return_report=False):
+    """Swaps every Linear / Conv2d / MultiheadAttention of ``model`` for its quantized version.
+
+    config: QuantConfig (defaults: w8a8). Override or skip patterns matching no swappable
+    module raise ValueError (they are almost always typos). Returns the quantized model, and
+    the QuantizationReport when ``return_report``.
+    """
+    config = config if config is not None else QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config: expected a QuantConfig, got {type(config).__name__}")
+    names = [n for n, m in model.named_modules() if _swap_target(m) is not None]
+    unmatched = config.unmatched_patterns(names)
+    if unmatched:
+        raise ValueError(f"config: layer names/patterns {unmatched} match no Linear/Conv2d/MultiheadAttention "
+                         f"module; some valid names: {names[:8]}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = QuantizationReport()
+    _swap_children(model, "", config, report)
+    log.info("quantize_model: %d module(s) quantized, %d skipped, %d float module(s) with parameters left",
+             len(report.swapped), len(report.skipped), len(report.left_float))
+    return (model, report) if return_report else model
+
+
+def to_float(model, inplace=False):
+    """Replaces every quantized module by its float counterpart (same parameters)."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    if isinstance(model, QUANT_MODULES):
+        return model.to_float()
+    for name, child in model.named_children():
+        if isinstance(child, QUANT_MODULES):
+            setattr(model, name, child.to_float())
+        else:
+            to_float(child, inplace=True)
+    return model
+
+
+def quantized_modules(model):
+    """{name: module} of the quantized layers (the units bit allocation works on)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QUANT_MODULES)}
+
+
+def set_fake_quant(model, enabled):
+    """Turns fake quantization on or off in every quantized module (off = float forward)."""
+    for m in model.modules():
+        if hasattr(m, "fake_quant_enabled"):
+            m.fake_quant_enabled = bool(enabled)
+    return model
