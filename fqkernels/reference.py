@@ -74,7 +74,8 @@ def fake_quant_backward(grad_y, x, scale, bits, signed, axis=None, grad_factor=1
         grad_scale = per_element.sum().reshape(scale.shape)
     else:
         dims = [d for d in range(x.dim()) if d != axis]
-        grad_scale = per_element.sum(dim=dims).reshape(scale.shape)
+        # sum(dim=[]) would reduce everything: a 1-D per-channel input has nothing to sum.
+        grad_scale = (per_element.sum(dim=dims) if dims else per_element).reshape(scale.shape)
     return grad_x, grad_scale.float()
 
 
