@@ -47,7 +47,8 @@ def to_nested_tensor(samples: SampleLike) -> NestedTensor:
         out = samples
     elif isinstance(samples, Tensor):
         out = NestedTensor(samples, None)
-    elif isinstance(samples, tuple) and len(samples) == 2 and isinstance(samples[0], Tensor):
+    elif (isinstance(samples, tuple) and len(samples) == 2 and isinstance(samples[0], Tensor)
+          and samples[0].dim() == 4):  # (images, mask); a tuple of 3-D images is a list
         out = NestedTensor(samples[0], samples[1])
     elif isinstance(samples, (list, tuple)):
         return nested_tensor_from_tensor_list(list(samples))

@@ -1,0 +1,187 @@
+"""Reading and writing DETR checkpoints (official facebookresearch/detr format).
+
+A checkpoint is ``{"model": state_dict, "args": ...}``. Official files carry an
+``argparse.Namespace`` as args; ours carry the plain keyword arguments of
+``detr_from_config``. Loading always uses ``weights_only=True``.
+"""
+import argparse
+import os
+import re
+import tempfile
+import warnings
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .backbone import RESNET_SPECS
+from .detr import DETR, detr_from_config
+
+_CONFIG_KEYS = ("num_classes", "backbone", "backbone_width", "dilation", "norm", "train_backbone",
+                "trainable_layers", "hidden_dim", "nheads", "enc_layers", "dec_layers",
+                "dim_feedforward", "dropout", "pre_norm", "num_queries", "aux_loss")
+
+
+def read_checkpoint(path) -> Dict[str, Any]:
+    """torch.load(weights_only=True) with a clear error for unreadable files."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        # Official DETR files pickle their argparse.Namespace; it is a plain attribute bag.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, KeyError, UnpicklingError, EOFError...
+        raise ValueError(f"cannot read checkpoint {path}: truncated, corrupt or not a torch "
+                         f"checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict")
+    return dict(ckpt)
+
+
+def _state_dict_of(ckpt: Mapping, path) -> Dict[str, Tensor]:
+    sd = ckpt.get("model", ckpt)
+    if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise ValueError(f"checkpoint {path} has no 'model' state dict")
+    if any(k.startswith("detr.") for k in sd):
+        # Panoptic checkpoints wrap DETR ("detr.*") and add a mask head we do not model.
+        sd = {k[len("detr."):]: v for k, v in sd.items() if k.startswith("detr.")}
+    return dict(sd)
+
+
+def _count(sd: Mapping[str, Tensor], pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in sd for m in [rx.match(k)] if m})
+
+
+def _infer_backbone(sd: Mapping[str, Tensor]) -> str:
+    body = "backbone.0.body."
+    blocks = tuple(_count(sd, rf"{body}layer{i}\.(\d+)\.") for i in range(1, 5))
+    kind = "bottleneck" if f"{body}layer1.0.conv3.weight" in sd else "basic"
+    for name, spec in RESNET_SPECS.items():
+        if spec == (kind, blocks):
+            return name
+    raise ValueError(f"cannot infer the ResNet from the checkpoint ({kind} blocks {blocks})")
+
+
+def _args_dict(args) -> Dict[str, Any]:
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    return dict(args) if isinstance(args, Mapping) else {}
+
+
+def infer_config(sd: Mapping[str, Tensor], args=None) -> Dict[str, Any]:
+    """Keyword arguments of detr_from_config from a state dict's keys and shapes.
+
+    What shapes cannot tell (heads, dilation, dropout) comes from ``args`` when present,
+    else DETR's defaults (8 heads, no dilation).
+    """
+    args = _args_dict(args)
+    if "query_embed.weight" not in sd or "class_embed.weight" not in sd:
+        raise ValueError("state dict lacks query_embed.weight / class_embed.weight: not a DETR")
+    enc = _count(sd, r"transformer\.encoder\.layers\.(\d+)\.")
+    dec = _count(sd, r"transformer\.decoder\.layers\.(\d+)\.")
+    ffn_key = f"transformer.{'encoder' if enc else 'decoder'}.layers.0.linear1.weight"
+    config = dict(
+        num_classes=sd["class_embed.weight"].shape[0] - 1,
+        backbone=_infer_backbone(sd),
+        backbone_width=sd["backbone.0.body.conv1.weight"].shape[0],
+        hidden_dim=sd["query_embed.weight"].shape[1], num_queries=sd["query_embed.weight"].shape[0],
+        enc_layers=enc, dec_layers=dec, dim_feedforward=sd[ffn_key].shape[0],
+        pre_norm="transformer.encoder.norm.weight" in sd)
+    for key in ("nheads", "dilation", "dropout", "aux_loss", "norm", "train_backbone", "trainable_layers"):
+        if key in args:
+            config[key] = args[key]
+    if args.get("position_embedding", "sine") not in ("sine", "v2"):
+        raise ValueError(f"position_embedding={args['position_embedding']!r} is not supported (sine only)")
+    return config
+
+
+def _mismatches(model: nn.Module, sd: Mapping[str, Tensor]):
+    expected = model.state_dict()
+    # nn.BatchNorm2d counters are meaningless for FrozenBatchNorm2d, which drops them.
+    sd = {k: v for k, v in sd.items() if k in expected or not k.endswith("num_batches_tracked")}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+                    for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
+    return sd, missing, unexpected, shapes
+
+
+def _describe(path, missing, unexpected, shapes, limit: int = 20) -> str:
+    parts = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches", shapes)):
+        if items:
+            more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{len(items)} {title}: {', '.join(items[:limit])}{more}")
+    return f"checkpoint {path} does not fit the model: " + "; ".join(parts)
+
+
+def load_detr_checkpoint(path, model: Optional[nn.Module] = None, strict: bool = True,
+                         **overrides) -> nn.Module:
+    """Load a DETR checkpoint (official or saved by save_detr_checkpoint) into ``model``.
+
+    With ``model=None`` the architecture is rebuilt from the checkpoint's args (ours) or
+    inferred from its keys and shapes (official), with ``overrides`` applied on top.
+    ``strict=True`` raises ValueError listing missing/unexpected keys and shape
+    mismatches; ``strict=False`` loads the keys that fit and warns about the rest.
+    """
+    ckpt = read_checkpoint(path)
+    sd = _state_dict_of(ckpt, path)
+    if model is None:
+        args = _args_dict(ckpt.get("args"))
+        if args and all(k in args for k in _CONFIG_KEYS):
+            config = {k: args[k] for k in _CONFIG_KEYS}
+        else:
+            config = infer_config(sd, args)
+        model = detr_from_config(**{**config, **overrides})
+    sd, missing, unexpected, shapes = _mismatches(model, sd)
+    if missing or unexpected or shapes:
+        message = _describe(path, missing, unexpected, shapes)
+        if strict:
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=2)
+        bad = {s.split(":")[0] for s in shapes}
+        sd = {k: v for k, v in sd.items() if k not in bad and k not in unexpected}
+    model.load_state_dict(sd, strict=False)
+    return model
+
+
+def save_detr_checkpoint(model: nn.Module, path, args: Optional[Mapping] = None,
+                         extra: Optional[Mapping] = None) -> None:
+    """Write {"model": state_dict, "args": args or model.config, **extra} atomically.
+
+    The file is written to a temporary name in the same directory and renamed, so a
+    crash never leaves a truncated checkpoint at ``path``.
+    """
+    path = os.fspath(path)
+    args = dict(getattr(model, "config", {}) if args is None else args)
+    payload = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "args": args}
+    payload.update(extra or {})
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_resnet_weights(model: DETR, path) -> DETR:
+    """Load torchvision-format ImageNet ResNet weights (e.g. resnet50-0676ba61.pth) into
+    the DETR backbone, ignoring the classifier ``fc``; strict otherwise."""
+    sd = read_checkpoint(path)
+    sd = {k: v for k, v in sd.get("state_dict", sd).items() if not k.startswith("fc.")}
+    body = model.backbone[0].body
+    sd, missing, unexpected, shapes = _mismatches(body, sd)
+    if missing or unexpected or shapes:
+        raise ValueError(_describe(path, missing, unexpected, shapes))
+    body.load_state_dict(sd, strict=False)
+    return model
