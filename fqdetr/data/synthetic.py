@@ -49,7 +49,7 @@ CATEGORIES = [
     (1, "adult", "person", 30.0, 0.40), (2, "child", "person", 8.0, 0.50),
     (3, "cyclist", "person", 5.0, 0.75), (4, "worker", "person", 2.0, 0.40),
     (11, "car", "vehicle", 25.0, 2.0), (12, "truck", "vehicle", 8.0, 2.6),
-    (13, "bus", "vehicle", 4.0, 3.0), (14, "motorbike", "vehicle", 3.0, 1.4),
+    (13, "bus", "vehicle", 4.0, 3.0), (14, "motorbike", "vehicle", 3.0, 1.6),
     (21, "dog", "animal", 10.0, 1.5), (22, "cat", "animal", 6.0, 1.4),
     (23, "cow", "animal", 3.0, 1.7), (24, "sheep", "animal", 1.5, 1.4),
     (31, "stop", "sign", 6.0, 1.0), (32, "speed", "sign", 4.0, 1.0),
@@ -107,7 +107,7 @@ def _draw_vehicle(d, rng, box, name):
     w, h = x1 - x0, y1 - y0
     paint = _bright(rng)
     glass = (170, 210, 230)
-    r = h * (0.38 if name == "motorbike" else 0.22)
+    r = min(h * 0.3, w * 0.2) if name == "motorbike" else h * 0.22
     if name == "motorbike":
         d.line([x0 + r, y1 - r, x0 + w * 0.5, y0 + h * 0.3, x1 - r, y1 - r], fill=paint,
                width=max(1, int(h * 0.12)))
@@ -147,7 +147,7 @@ def _ellipse_body(d, rng, x0, y0, x1, y1, colour, name):
     elif name == "cow":
         for _ in range(4):
             u, v = rng.uniform(-0.6, 0.6, 2)
-            s = max(1.0, a * 0.25)
+            s = max(1.0, a * 0.16)
             d.ellipse([cx + u * a - s, cy + v * b - s, cx + u * a + s, cy + v * b + s],
                       fill=(30, 25, 20) if rng.random() < 0.5 else (235, 235, 230))
     elif name == "sheep":

@@ -1,0 +1,10 @@
+"""Datasets: COCO-format reading, DETR transforms, and the built-in generated dataset.
+
+This package knows no model: it yields images and DETR-style targets.
+"""
+from fqdetr.data.coco import CocoDetection, load_coco, write_json_atomic
+from fqdetr.data.synthetic import builtin_paths, dataset_stats, make_builtin_dataset
+from fqdetr.data.transforms import collate_fn, make_transforms
+
+__all__ = ["CocoDetection", "load_coco", "write_json_atomic", "make_builtin_dataset",
+           "builtin_paths", "dataset_stats", "make_transforms", "collate_fn"]

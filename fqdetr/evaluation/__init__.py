@@ -1,0 +1,17 @@
+"""COCO evaluation: overall, per-category and critical-set AP, and reports.
+
+- ``evaluate_detections``: pycocotools COCOeval on COCO-format detections;
+  critical sets evaluated with ``params.catIds`` restricted (METHOD.md section 1).
+- ``evaluate_critical_transformed``: critical AP on T_S-transformed raw predictions.
+- ``write_report``: report.json, report.md, per-category AP bar charts.
+"""
+from fqdetr.evaluation.cocoeval import (STAT_NAMES, evaluate_detections, load_detections,
+                                        per_category_ap, resolve_critical_sets, run_cocoeval)
+from fqdetr.evaluation.report import plot_per_category, render_markdown, write_report
+from fqdetr.evaluation.transformed import (critical_queries, evaluate_critical_transformed,
+                                           transform_probs, transformed_detections)
+
+__all__ = ["STAT_NAMES", "evaluate_detections", "load_detections", "per_category_ap",
+           "resolve_critical_sets", "run_cocoeval", "plot_per_category", "render_markdown",
+           "write_report", "critical_queries", "evaluate_critical_transformed",
+           "transform_probs", "transformed_detections"]

@@ -1,0 +1,210 @@
+"""COCO box evaluation: overall, per-category and critical-set AP via pycocotools.
+
+A critical set S (METHOD.md section 1) is evaluated by COCOeval itself with
+``params.catIds = S`` -- AP@[.5:.95] and AP50 averaged over the classes of S.
+Values that COCO leaves undefined (e.g. a category with no ground truth) are None,
+so results stay valid JSON.
+"""
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from fqdetr.data.coco import load_coco
+
+log = logging.getLogger(__name__)
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
+              "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+@contextlib.contextmanager
+def quiet():
+    """Swallow pycocotools' prints (it reports on stdout); we log summaries instead."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def _num(x):
+    """float, or None for COCO's "undefined" (-1) and NaN."""
+    x = float(x)
+    return None if (x < 0 or math.isnan(x)) else x
+
+
+def _resolve_member(coco_gt, member):
+    """Category ids named by one member: a supercategory name, a category name or id."""
+    if isinstance(member, (int, np.integer)) or (isinstance(member, str) and member.isdigit()):
+        if int(member) not in coco_gt.cats:
+            raise ValueError(f"critical set: unknown category id {member}")
+        return [int(member)]
+    ids = [c for c, cat in coco_gt.cats.items() if cat.get("supercategory") == member]
+    ids = ids or [c for c, cat in coco_gt.cats.items() if cat["name"] == member]
+    if not ids:
+        sups = sorted({cat.get("supercategory", "") for cat in coco_gt.cats.values()})
+        raise ValueError(f"critical set: {member!r} is neither a supercategory {sups} "
+                         f"nor a category name of the ground truth")
+    return ids
+
+
+def resolve_critical_sets(coco_gt, critical_sets=None):
+    """{set name: sorted category ids}.
+
+    ``critical_sets``: None (every supercategory of the gt categories, in order of
+    first appearance); a dict {name: members}; or a list whose items are a member
+    or a list of members. A member is a supercategory name, a category name or a
+    category id; the string "a+b" is the union of members a and b.
+    """
+    coco_gt = load_coco(coco_gt)
+    if critical_sets is None:
+        critical_sets = []
+        for c in sorted(coco_gt.cats):
+            sup = coco_gt.cats[c].get("supercategory") or coco_gt.cats[c]["name"]
+            if sup not in critical_sets:
+                critical_sets.append(sup)
+    if not isinstance(critical_sets, dict):
+        named = {}
+        for item in critical_sets:
+            members = item if isinstance(item, (list, tuple, set)) else [item]
+            named["+".join(str(m) for m in members)] = members
+        critical_sets = named
+    out = {}
+    for name, members in critical_sets.items():
+        if isinstance(members, (str, int, np.integer)):
+            members = [members]
+        ids = set()
+        for m in members:
+            for part in (m.split("+") if isinstance(m, str) else [m]):
+                ids.update(_resolve_member(coco_gt, part.strip() if isinstance(part, str) else part))
+        out[str(name)] = sorted(ids)
+    return out
+
+
+def _check_detections(coco_gt, detections):
+    """Raise ValueError naming the first malformed detection."""
+    if not isinstance(detections, (list, tuple)):
+        raise ValueError(f"detections must be a list of dicts, got {type(detections).__name__}")
+    for i, d in enumerate(detections):
+        if not isinstance(d, dict) or any(k not in d for k in ("image_id", "category_id", "bbox", "score")):
+            raise ValueError(f"detection {i} must have image_id, category_id, bbox, score: {d!r}")
+        if d["image_id"] not in coco_gt.imgs:
+            raise ValueError(f"detection {i}: image_id {d['image_id']} is not in the ground truth")
+        if d["category_id"] not in coco_gt.cats:
+            raise ValueError(f"detection {i}: category_id {d['category_id']} is not in the ground truth")
+        b = d["bbox"]
+        if len(b) != 4 or not all(np.isfinite(float(v)) for v in b) or not np.isfinite(float(d["score"])):
+            raise ValueError(f"detection {i}: bbox must be 4 finite numbers [x, y, w, h] and "
+                             f"score finite, got {b!r}, {d['score']!r}")
+
+
+def load_detections(detections, coco_gt):
+    """pycocotools results COCO from a list of result dicts or a json path.
+
+    Result dicts: {"image_id", "category_id", "bbox": [x, y, w, h] pixels, "score"}.
+    An empty list gives an empty results set (every AP is then 0), which
+    ``COCO.loadRes`` itself cannot build.
+    """
+    if isinstance(detections, (str, os.PathLike)):
+        path = os.fspath(detections)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"detections file not found: {path}")
+        try:
+            with open(path) as f:
+                detections = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: invalid JSON ({err})") from err
+    _check_detections(coco_gt, detections)
+    if not detections:
+        empty = COCO()
+        empty.dataset = {"images": list(coco_gt.dataset["images"]), "annotations": [],
+                         "categories": list(coco_gt.dataset["categories"])}
+        with quiet():
+            empty.createIndex()
+        return empty
+    # loadRes writes ids and areas into the dicts: give it copies.
+    dets = [{k: d[k] for k in ("image_id", "category_id", "bbox", "score")} for d in detections]
+    for d in dets:
+        d["bbox"] = [float(v) for v in d["bbox"]]
+        d["score"] = float(d["score"])
+    with quiet():
+        return coco_gt.loadRes(dets)
+
+
+def run_cocoeval(coco_gt, coco_dt, cat_ids=None):
+    """Evaluated, accumulated and summarised COCOeval (bbox), optionally restricted
+    to ``cat_ids``. ``E.stats`` holds the 12 numbers of STAT_NAMES."""
+    E = COCOeval(coco_gt, coco_dt, "bbox")
+    if cat_ids is not None:
+        E.params.catIds = sorted(cat_ids)
+    with quiet():
+        E.evaluate()
+        E.accumulate()
+        E.summarize()
+    return E
+
+
+def per_category_ap(E):
+    """{category id: (AP@[.5:.95], AP50)} from E.eval["precision"] [T, R, K, A, M],
+    averaged over entries > -1 at area "all" and the largest maxDets, as summarize()."""
+    precision = E.eval["precision"]
+    out = {}
+    for k, cat_id in enumerate(E.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p50 = precision[0, :, k, 0, -1]
+        ap = float(np.mean(p[p > -1])) if (p > -1).any() else None
+        ap50 = float(np.mean(p50[p50 > -1])) if (p50 > -1).any() else None
+        out[int(cat_id)] = (ap, ap50)
+    return out
+
+
+def evaluate_detections(coco_gt, detections, critical_sets=None, transformed_predictions=None,
+                        label_to_cat_id=None, other="lse"):
+    """Evaluate COCO-format detections against ground truth.
+
+    coco_gt: COCO, gt json path or dict. detections: list of result dicts or a json
+    path. critical_sets: see resolve_critical_sets (default: every supercategory).
+    transformed_predictions: optional per-image raw predictions, see
+    ``evaluate_critical_transformed``; adds "critical_transformed" to the result.
+
+    Returns {"overall": {STAT_NAMES: value}, "per_category": {name: {"id",
+    "supercategory", "num_gt", "AP", "AP50"}}, "critical": {set name: {"cat_ids",
+    "categories", "AP", "AP50"}}, "num_images", "num_detections"}.
+    """
+    coco_gt = load_coco(coco_gt)
+    coco_dt = load_detections(detections, coco_gt)
+    E = run_cocoeval(coco_gt, coco_dt)
+    result = {"overall": {n: _num(v) for n, v in zip(STAT_NAMES, E.stats)},
+              "per_category": {}, "critical": {},
+              "num_images": len(coco_gt.imgs), "num_detections": len(coco_dt.anns)}
+    for cat_id, (ap, ap50) in per_category_ap(E).items():
+        cat = coco_gt.cats[cat_id]
+        result["per_category"][cat["name"]] = {
+            "id": cat_id, "supercategory": cat.get("supercategory") or cat["name"],
+            "num_gt": len(coco_gt.getAnnIds(catIds=[cat_id], iscrowd=False)), "AP": ap, "AP50": ap50}
+    for name, ids in resolve_critical_sets(coco_gt, critical_sets).items():
+        Ec = run_cocoeval(coco_gt, coco_dt, cat_ids=ids)
+        result["critical"][name] = {"cat_ids": ids, "categories": [coco_gt.cats[c]["name"] for c in ids],
+                                    "AP": _num(Ec.stats[0]), "AP50": _num(Ec.stats[1])}
+    if transformed_predictions is not None:
+        from fqdetr.evaluation.transformed import evaluate_critical_transformed
+        result["critical_transformed"] = evaluate_critical_transformed(
+            coco_gt, transformed_predictions, critical_sets, label_to_cat_id, other)
+    _log_summary(result)
+    return result
+
+
+def _fmt(x):
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def _log_summary(result):
+    o = result["overall"]
+    log.info("mAP %s  AP50 %s  AP75 %s  (%d images, %d detections)", _fmt(o["AP"]), _fmt(o["AP50"]),
+             _fmt(o["AP75"]), result["num_images"], result["num_detections"])
+    for name, r in result["critical"].items():
+        log.info("critical %-12s AP %s  AP50 %s", name, _fmt(r["AP"]), _fmt(r["AP50"]))

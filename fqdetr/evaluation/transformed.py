@@ -1,0 +1,94 @@
+"""Critical AP on transformed predictions (METHOD.md section 1).
+
+Per query, the class probabilities p [C + 1] (last column: no-object) are mapped
+to the |S| + 2 classes of T_S: the classes of S, "other" and no-object. With the
+default "lse" transform softmax(T_S(z)) is the exact marginal of softmax(z), so
+p_other = sum of the non-critical class probabilities; with "max", p_other is
+proportional to the largest of them (only the argmax matters here, so the
+normalisation is irrelevant). A query is a detection of S only when its argmax
+over S and "other" (no-object excluded, as in DETR's postprocess) lies in S,
+ties going to "other"; its score is then p_s. The full critical module (losses, targets) is
+``fqdetr.critical``; this helper only needs plain arrays.
+"""
+import numpy as np
+
+from fqdetr.data.coco import load_coco
+from fqdetr.evaluation.cocoeval import _num, load_detections, resolve_critical_sets, run_cocoeval
+
+
+def _to_numpy(x):
+    if hasattr(x, "detach"):  # torch tensor, without importing torch here
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def transform_probs(probs, critical_labels, other="lse"):
+    """probs [Q, C+1] -> [Q, |S|+2]: columns S (in the given order), other, no-object."""
+    probs = _to_numpy(probs)
+    num_classes = probs.shape[1] - 1
+    crit = np.asarray(critical_labels, dtype=np.int64)
+    if crit.size == 0 or crit.min() < 0 or crit.max() >= num_classes:
+        raise ValueError(f"critical labels must be non-empty and in 0..{num_classes - 1}: {crit.tolist()}")
+    rest = np.setdiff1d(np.arange(num_classes), crit)
+    if rest.size == 0:
+        p_other = np.zeros(len(probs))
+    elif other == "lse":
+        p_other = probs[:, rest].sum(1)
+    elif other == "max":
+        p_other = probs[:, rest].max(1)
+    else:
+        raise ValueError(f"unknown 'other' transform {other!r}: expected 'lse' or 'max'")
+    return np.concatenate([probs[:, crit], p_other[:, None], probs[:, -1:]], axis=1)
+
+
+def critical_queries(probs, critical_labels, other="lse"):
+    """Which queries are detections of S after T_S.
+
+    Returns (keep bool [Q], labels int64 [Q] original class indices, scores [Q]);
+    labels and scores are meaningful where keep is True.
+    """
+    crit = np.asarray(critical_labels, dtype=np.int64)
+    t = transform_probs(probs, crit, other)
+    best = t[:, :-2].argmax(1)
+    scores = t[np.arange(len(t)), best]
+    # strict: a tie (e.g. a query with all class probabilities 0) goes to "other"
+    return scores > t[:, -2], crit[best], scores
+
+
+def transformed_detections(predictions, critical_labels, label_to_cat_id, other="lse"):
+    """COCO result dicts of S from raw per-image predictions.
+
+    predictions: iterable of {"image_id": int, "probs": [Q, C+1], "boxes": [Q, 4]
+    xyxy in pixels of the original image} (what DETR's postprocess scales to).
+    """
+    dets = []
+    for pred in predictions:
+        keep, labels, scores = critical_queries(pred["probs"], critical_labels, other)
+        boxes = _to_numpy(pred["boxes"])
+        for q in np.flatnonzero(keep):
+            x0, y0, x1, y1 = (float(v) for v in boxes[q])
+            dets.append({"image_id": int(pred["image_id"]), "category_id": int(label_to_cat_id[labels[q]]),
+                         "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(scores[q])})
+    return dets
+
+
+def evaluate_critical_transformed(coco_gt, predictions, critical_sets=None, label_to_cat_id=None,
+                                  other="lse"):
+    """Critical AP of each set on T_S-transformed predictions.
+
+    label_to_cat_id: class index -> COCO id (default: sorted gt category ids, as
+    ``CocoDetection`` uses). Returns {set name: {"cat_ids", "AP", "AP50",
+    "num_detections"}}, AP by COCOeval with params.catIds = S.
+    """
+    coco_gt = load_coco(coco_gt)
+    predictions = list(predictions)
+    label_to_cat_id = list(label_to_cat_id) if label_to_cat_id is not None else sorted(coco_gt.cats)
+    cat_to_label = {c: k for k, c in enumerate(label_to_cat_id)}
+    out = {}
+    for name, ids in resolve_critical_sets(coco_gt, critical_sets).items():
+        labels = [cat_to_label[c] for c in ids]
+        dets = transformed_detections(predictions, labels, label_to_cat_id, other)
+        E = run_cocoeval(coco_gt, load_detections(dets, coco_gt), cat_ids=ids)
+        out[name] = {"cat_ids": ids, "AP": _num(E.stats[0]), "AP50": _num(E.stats[1]),
+                     "num_detections": len(dets)}
+    return out
