@@ -10,12 +10,13 @@ Backends: reference (pure PyTorch), cpu (C++/OpenMP), triton, cuda; see
 """
 from fqkernels import reference
 from fqkernels.backends import available_backends, backend_for
+from fqkernels.composite import differentiable
 from fqkernels.fake_quant import fake_quant, lsq_grad_factor
 from fqkernels.fisher import per_sample_fisher, per_sample_sq_norms
 from fqkernels.quant_linear import quant_linear
 from fqkernels.quant_matmul import quant_matmul
 
 __all__ = [
-    "available_backends", "backend_for", "fake_quant", "lsq_grad_factor", "per_sample_fisher",
+    "available_backends", "backend_for", "differentiable", "fake_quant", "lsq_grad_factor", "per_sample_fisher",
     "per_sample_sq_norms", "quant_linear", "quant_matmul", "reference",
 ]

@@ -7,6 +7,13 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def float_dtypes():
+    """Input dtypes the ops accept: float64 too inside fk.differentiable() (for checks)."""
+    from fqkernels import composite
+
+    return FLOAT_DTYPES + (torch.float64,) if composite.active() else FLOAT_DTYPES
+
+
 def check_bits(bits, name="bits"):
     if isinstance(bits, bool) or not isinstance(bits, int):
         raise TypeError(f"{name}: expected an int bit-width in 2..8, got {type(bits).__name__}")
@@ -14,9 +21,10 @@ def check_bits(bits, name="bits"):
         raise ValueError(f"{name}: expected a bit-width in 2..8, got {bits}")
 
 
-def check_tensor(t, name, dtypes=FLOAT_DTYPES, dim=None):
+def check_tensor(t, name, dtypes=None, dim=None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    dtypes = dtypes or float_dtypes()
     if t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name}: expected dtype {names}, got {str(t.dtype).replace('torch.', '')}")

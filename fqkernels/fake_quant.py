@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from fqkernels import _ext, backends, checks, reference
+from fqkernels import _ext, backends, checks, composite, reference
 
 
 class _Reference:
@@ -107,5 +107,7 @@ def fake_quant(x, scale, bits=4, signed=True, axis=None, grad_factor=1.0, backen
     checks.check_bits(bits)
     axis = checks.normalize_axis(axis, x)
     scale = checks.as_scale(scale, "scale", x, 1 if axis is None else x.shape[axis])
+    if composite.active():
+        return composite.fake_quant(x, scale, bits, bool(signed), axis, float(grad_factor))
     name = backends.backend_for("fake_quant", x, backend)
     return FakeQuantFunction.apply(x, scale, bits, bool(signed), axis, float(grad_factor), name)

@@ -6,6 +6,7 @@ from fqdetr.quant.export import export_quantized, save_quantized
 from fqdetr.quant.modules import QuantConv2d, QuantLinear
 from fqdetr.quant.quantizer import Quantizer, scale_from_data
 from fqdetr.quant.swap import (QUANT_MODULES, QuantizationReport, quantize_model, quantized_modules,
+                               quantized_weights,
                                set_fake_quant, to_float)
 
 QuantSpec = LayerQuantConfig  # the per-layer spec under the name DESIGN.md uses
@@ -13,5 +14,5 @@ QuantSpec = LayerQuantConfig  # the per-layer spec under the name DESIGN.md uses
 __all__ = [
     "LayerQuantConfig", "QUANT_MODULES", "QuantConfig", "QuantConv2d", "QuantLinear", "QuantMultiheadAttention",
     "QuantSpec", "QuantizationReport", "Quantizer", "calibrate", "export_quantized", "quantize_model",
-    "quantized_modules", "save_quantized", "scale_from_data", "set_fake_quant", "to_float",
+    "quantized_modules", "quantized_weights", "save_quantized", "scale_from_data", "set_fake_quant", "to_float",
 ]

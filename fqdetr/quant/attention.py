@@ -69,6 +69,9 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
         aq = self.input_quantizers[i] if len(self.input_quantizers) else None
         fisher = self.fisher_accumulator[i * E:(i + 1) * E] if self.fisher_accumulator is not None else None
         wq = self.weight_quantizer
+        if wq.offset is not None:  # perturbed quantized weights: unfused path
+            wfq = fk.fake_quant(w, wq.scale[i * E:(i + 1) * E], wq.bits, True, 0) + wq.offset[i * E:(i + 1) * E]
+            return F.linear(aq(x) if aq is not None else x, wfq, b)
         return fk.quant_linear(
             x, w, b, w_scale=wq.scale[i * E:(i + 1) * E], a_scale=aq.prepare(x) if aq is not None else None,
             w_bits=wq.bits, a_bits=aq.bits if aq is not None else None,

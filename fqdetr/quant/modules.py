@@ -61,6 +61,8 @@ class QuantLinear(nn.Linear):
         if not self.fake_quant_enabled:
             return F.linear(x, self.weight, self.bias)
         wq, aq = self.weight_quantizer, self.input_quantizer
+        if wq.offset is not None:  # perturbed quantized weights: unfused path
+            return F.linear(aq(x) if aq is not None else x, wq(self.weight), self.bias)
         a_scale = aq.prepare(x) if aq is not None else None
         return fk.quant_linear(
             x, self.weight, self.bias, w_scale=wq.scale, a_scale=a_scale, w_bits=wq.bits,

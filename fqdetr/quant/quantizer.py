@@ -66,6 +66,9 @@ class Quantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self.enabled = True
         self._observed = None  # [values] while calibrating
+        # Added after quantization when set: the finite-difference Hessian-vector product of
+        # fqdetr.regularize perturbs the quantized weights with the codes frozen.
+        self.offset = None
 
     def extra_repr(self):
         sign = {True: "signed", False: "unsigned", None: "sign from data"}[self.signed]
@@ -137,4 +140,5 @@ class Quantizer(nn.Module):
         if not self.enabled:
             return x
         scale = self.prepare(x)
-        return fk.fake_quant(x, scale, self.bits, self.signed, self.axis, self.grad_factor(x))
+        y = fk.fake_quant(x, scale, self.bits, self.signed, self.axis, self.grad_factor(x))
+        return y if self.offset is None else y + self.offset

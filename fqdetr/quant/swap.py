@@ -113,6 +113,15 @@ def quantized_modules(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, QUANT_MODULES)}
 
 
+def quantized_weights(model):
+    """{name: (weight parameter, its weight Quantizer)} of every quantized layer."""
+    out = {}
+    for name, m in quantized_modules(model).items():
+        weight = m.in_proj_weight if isinstance(m, QuantMultiheadAttention) else m.weight
+        out[name] = (weight, m.weight_quantizer)
+    return out
+
+
 def set_fake_quant(model, enabled):
     """Turns fake quantization on or off in every quantized module (off = float forward)."""
     for m in model.modules():
