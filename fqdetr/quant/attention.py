@@ -16,7 +16,7 @@ from torch import nn
 
 import fqkernels as fk
 from fqdetr.quant.config import LayerQuantConfig
-from fqdetr.quant.modules import QuantLinear
+from fqdetr.quant.modules import QuantLinear, float_linear_collecting
 from fqdetr.quant.quantizer import Quantizer
 
 
@@ -64,10 +64,12 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
         E = self.embed_dim
         w = self.in_proj_weight[i * E:(i + 1) * E]
         b = self.in_proj_bias[i * E:(i + 1) * E] if self.in_proj_bias is not None else None
+        fisher = self.fisher_accumulator[i * E:(i + 1) * E] if self.fisher_accumulator is not None else None
         if not self.fake_quant_enabled:
+            if fisher is not None:
+                return float_linear_collecting(x, w, b, fisher, self.fisher_batch_dim)
             return F.linear(x, w, b)
         aq = self.input_quantizers[i] if len(self.input_quantizers) else None
-        fisher = self.fisher_accumulator[i * E:(i + 1) * E] if self.fisher_accumulator is not None else None
         wq = self.weight_quantizer
         if wq.offset is not None:  # perturbed quantized weights: unfused path
             wfq = fk.fake_quant(w, wq.scale[i * E:(i + 1) * E], wq.bits, True, 0) + wq.offset[i * E:(i + 1) * E]

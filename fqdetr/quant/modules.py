@@ -17,6 +17,37 @@ from fqdetr.quant.config import LayerQuantConfig
 from fqdetr.quant.quantizer import Quantizer
 
 
+def samples_first(t, batch_dim):
+    """[..., K] with samples along batch_dim -> [N, T, K] (a 2-D input: one token per sample)."""
+    if t.dim() == 2:
+        return t if batch_dim == 0 else t.t()
+    return t.movedim(batch_dim, 0).reshape(t.shape[batch_dim], -1, t.shape[-1])
+
+
+def float_linear_collecting(x, weight, bias, fisher, batch_dim):
+    """F.linear that adds the per-sample Fisher of ``weight`` into ``fisher`` during backward
+    (used while fake quantization is off); x [*, K] -> [*, M]."""
+    y = F.linear(x, weight, bias)
+    if y.requires_grad:
+        saved = samples_first(x.detach(), batch_dim)
+
+        def accumulate(grad):  # returns None: the gradient itself is left unchanged
+            fisher.add_(fk.per_sample_fisher(saved, samples_first(grad, batch_dim), dtype=fisher.dtype))
+
+        y.register_hook(accumulate)
+    return y
+
+
+def linear_with_fisher(x, batch_dim, fused):
+    """Runs fused(x3, 0) on a [N, T, K] view when per-sample Fisher needs a layout quant_linear
+    does not take (more than 3 dims), and restores the layout of the output."""
+    if x.dim() <= 3:
+        return fused(x, batch_dim)
+    moved = x.movedim(batch_dim, 0)
+    y = fused(moved.reshape(moved.shape[0], -1, moved.shape[-1]), 0)
+    return y.reshape(*moved.shape[:-1], y.shape[-1]).movedim(0, batch_dim)
+
+
 def _make_quantizers(module, config, channels):
     module.weight_quantizer = Quantizer(config.w_bits, True, channels, 0, config.calibration, config.percentile,
                                         config.lsq_grad_scale)
@@ -58,17 +89,24 @@ class QuantLinear(nn.Linear):
         return linear
 
     def forward(self, x):
+        fisher = self.fisher_accumulator
         if not self.fake_quant_enabled:
+            if fisher is not None:
+                return float_linear_collecting(x, self.weight, self.bias, fisher, self.fisher_batch_dim)
             return F.linear(x, self.weight, self.bias)
         wq, aq = self.weight_quantizer, self.input_quantizer
         if wq.offset is not None:  # perturbed quantized weights: unfused path
             return F.linear(aq(x) if aq is not None else x, wq(self.weight), self.bias)
         a_scale = aq.prepare(x) if aq is not None else None
-        return fk.quant_linear(
-            x, self.weight, self.bias, w_scale=wq.scale, a_scale=a_scale, w_bits=wq.bits,
-            a_bits=aq.bits if aq is not None else None, a_signed=bool(aq.signed) if aq is not None else True,
-            fisher=self.fisher_accumulator, fisher_batch_dim=self.fisher_batch_dim,
-            w_grad_factor=wq.grad_factor(self.weight), a_grad_factor=aq.grad_factor(x) if aq is not None else 1.0)
+
+        def fused(inp, batch_dim):
+            return fk.quant_linear(
+                inp, self.weight, self.bias, w_scale=wq.scale, a_scale=a_scale, w_bits=wq.bits,
+                a_bits=aq.bits if aq is not None else None, a_signed=bool(aq.signed) if aq is not None else True,
+                fisher=fisher, fisher_batch_dim=batch_dim, w_grad_factor=wq.grad_factor(self.weight),
+                a_grad_factor=aq.grad_factor(inp) if aq is not None else 1.0)
+
+        return linear_with_fisher(x, self.fisher_batch_dim, fused) if fisher is not None else fused(x, 0)
 
 
 class QuantConv2d(nn.Conv2d):
