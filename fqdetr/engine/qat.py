@@ -1,0 +1,71 @@
+"""Quantization-aware training of a quantized DETR (LSQ scales and weights together),
+optionally with the Fisher-trace regulariser on the critical objective or with the
+critical classes' loss up-weighted (the simpler alternative a user tries first)."""
+import copy
+import logging
+import math
+
+import torch
+from tqdm import tqdm
+
+from fqdetr.models.criterion import weighted_loss
+from fqdetr.quant import quantized_weights
+from fqdetr.regularize import FisherTraceRegularizer
+
+log = logging.getLogger(__name__)
+
+
+def upweighted_criterion(criterion, critical_labels, factor):
+    """A copy of ``criterion`` whose class weights are ``factor`` for the critical classes."""
+    if factor <= 0:
+        raise ValueError(f"factor: expected a positive class weight, got {factor}")
+    up = copy.deepcopy(criterion)
+    up.empty_weight[torch.tensor(sorted(critical_labels))] = float(factor)
+    return up
+
+
+def _cycle(loader):
+    while True:
+        yield from loader
+
+
+def qat(model, criterion, loader, steps, lr=5e-5, critical_objective=None, reg_lambda=0.0,
+        reg_estimator="batch", reg_method="exact", clip_max_norm=0.1, progress=True):
+    """Trains the quantized ``model`` in place for ``steps`` batches of ``loader``.
+
+    critical_objective(outputs, targets) -> per-image critical losses [B]; with reg_lambda > 0
+    the loss is L_all + reg_lambda * tr(F_crit) (fqdetr.regularize). Returns the per-step log
+    [{"loss", "R"}].
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    reg = None
+    if reg_lambda > 0:
+        if critical_objective is None:
+            raise ValueError("critical_objective: needed when reg_lambda > 0")
+        weights, quantizers = zip(*quantized_weights(model).values())
+        reg = FisherTraceRegularizer(weights, reg_estimator, reg_method, quantizers=quantizers)
+    history = []
+    model.train()
+    batches = _cycle(loader)
+    for _ in tqdm(range(steps), desc="qat" + (" +R" if reg else ""), disable=not progress, leave=False):
+        images, mask, targets = next(batches)
+        loss = weighted_loss(criterion(model((images, mask)), targets), criterion.weight_dict)
+        record = {"loss": loss.item()}
+        if reg is not None:
+            def critical_loss(reduction, images=images, mask=mask, targets=targets):
+                per_image = critical_objective(model((images, mask)), targets)
+                return per_image.sum() if reduction == "batch" else per_image
+
+            penalty = reg(critical_loss)
+            record["R"] = penalty.item()
+            loss = loss + reg_lambda * penalty
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"qat: loss became {loss.item()}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
+        optimizer.step()
+        history.append(record)
+    model.eval()
+    return history

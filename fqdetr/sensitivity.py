@@ -1,0 +1,85 @@
+"""Per-layer sensitivity of a (quantized) DETR: Fisher traces of the overall, critical
+and mixed objectives (METHOD.md sections 2-3), and a Hutchinson Hessian-trace baseline.
+
+Objectives are per-image: f(outputs, targets) -> [B] losses whose sum is the batch
+loss with a fixed normaliser, as per-sample Fisher needs.
+"""
+import logging
+
+import torch
+from tqdm import tqdm
+
+import fqkernels as fk
+from fqdetr.critical import CriticalLoss
+from fqdetr.fisher import FisherCollector
+from fqdetr.models.criterion import weighted_loss
+from fqdetr.quant import quantized_weights
+
+log = logging.getLogger(__name__)
+
+# DETR's transformer and heads see sequence-first (or [layers, B, Q, d]) inputs: samples on dim 1.
+DETR_BATCH_DIMS = {"transformer.*": 1, "class_embed": 1, "bbox_embed.*": 1}
+
+
+def detr_objectives(criterion, make_criterion, critical_labels, alpha=1.0, mode="lse"):
+    """{"overall", "critical", "mix"}: per-image objectives f(outputs, targets) -> [B].
+
+    criterion: the ordinary SetCriterion; make_criterion(num_classes) builds one for the
+    transformed classes; critical_labels: the set S; mix = alpha * L_all + L_crit.
+    """
+    crit = CriticalLoss(critical_labels, criterion.num_classes, make_criterion, mode)
+
+    def overall(outputs, targets):
+        return weighted_loss(criterion(outputs, targets, reduction="per_image"), criterion.weight_dict)
+
+    def critical(outputs, targets):
+        # The same fixed normaliser as the overall loss (the batch's object count).
+        n = criterion.batch_num_boxes(targets)
+        return weighted_loss(crit(outputs, targets, reduction="per_image", num_boxes=n),
+                             crit.criterion.weight_dict)
+
+    return {"overall": overall, "critical": critical,
+            "mix": lambda o, t: alpha * overall(o, t) + critical(o, t)}
+
+
+def _batches(loader, num_batches):
+    for i, batch in enumerate(loader):
+        if num_batches is not None and i >= num_batches:
+            return
+        yield batch
+
+
+def fisher_traces(model, loader, objective, num_batches=None, progress=True):
+    """{layer: tr(F_l)} of ``objective`` over the images of ``loader`` (images, mask, targets)."""
+    was_training = model.training
+    model.eval()  # dropout off: the Fisher of the deployed model
+    with FisherCollector(model, batch_dims=DETR_BATCH_DIMS) as fc:
+        for images, mask, targets in tqdm(_batches(loader, num_batches), total=num_batches, desc="fisher",
+                                          disable=not progress, leave=False):
+            model.zero_grad(set_to_none=True)
+            fc.backward(objective(model((images, mask)), targets))
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    log.info("Fisher traces over %d images for %d layers", fc.num_samples, len(fc.sums))
+    return fc.traces()
+
+
+def hutchinson_traces(model, loader, objective, num_batches=None, probes=2, seed=0, progress=True):
+    """{layer: tr(H_l)} by Hutchinson's estimator E[v^T H v] with Rademacher v, through the
+    quantizers' straight-through estimator (double backward; the "hessian" baseline)."""
+    weights = {n: w for n, (w, _) in quantized_weights(model).items()}
+    gen = torch.Generator().manual_seed(seed)
+    sums, count = dict.fromkeys(weights, 0.0), 0
+    model.eval()
+    for images, mask, targets in tqdm(_batches(loader, num_batches), total=num_batches, desc="hutchinson",
+                                      disable=not progress, leave=False):
+        with fk.differentiable():
+            loss = objective(model((images, mask)), targets).sum()
+            grads = torch.autograd.grad(loss, list(weights.values()), create_graph=True)
+        for _ in range(probes):
+            vs = [torch.randint(0, 2, g.shape, generator=gen).float() * 2 - 1 for g in grads]
+            hvs = torch.autograd.grad(grads, list(weights.values()), vs, retain_graph=True)
+            for name, v, hv in zip(weights, vs, hvs):
+                sums[name] += float((v * hv).sum()) / probes
+        count += len(targets)
+    return {n: s / max(count, 1) for n, s in sums.items()}
