@@ -4,6 +4,7 @@
     y = fk.fake_quant(x, scale, bits=4, signed=True, axis=None)
     y = fk.quant_linear(x, weight, bias, w_scale=..., a_scale=..., w_bits=4, a_bits=8)
     fk.per_sample_fisher(x, grad_out, batch_dim=0)   # [out, in]: sum_n (D_n^T X_n)^2
+    fk.conv2d_per_sample_fisher(x, grad_out, weight_shape, stride, padding, dilation, groups)
 
 Backends: reference (pure PyTorch), cpu (C++/OpenMP), triton, cuda; see
 ``available_backends()`` and ``backend_for(op, tensor)``; ``FQ_BACKEND`` forces one.
@@ -12,11 +13,11 @@ from fqkernels import reference
 from fqkernels.backends import available_backends, backend_for
 from fqkernels.composite import differentiable
 from fqkernels.fake_quant import fake_quant, lsq_grad_factor
-from fqkernels.fisher import per_sample_fisher, per_sample_sq_norms
+from fqkernels.fisher import conv2d_per_sample_fisher, per_sample_fisher, per_sample_sq_norms
 from fqkernels.quant_linear import quant_linear
 from fqkernels.quant_matmul import quant_matmul
 
 __all__ = [
-    "available_backends", "backend_for", "differentiable", "fake_quant", "lsq_grad_factor", "per_sample_fisher",
+    "available_backends", "backend_for", "conv2d_per_sample_fisher", "differentiable", "fake_quant", "lsq_grad_factor", "per_sample_fisher",
     "per_sample_sq_norms", "quant_linear", "quant_matmul", "reference",
 ]

@@ -1,47 +1,252 @@
 """per_sample_fisher / per_sample_sq_norms: the squared per-sample weight gradients of
 a linear map, summed over samples (diag of the empirical Fisher times N) or reduced
 to one squared norm per sample, without materialising per-sample gradients in the
-compiled backends."""
+compiled backends; optionally the weight gradient dW = sum_n D_n^T X_n in the same pass.
+
+Every backend implements one call, ``compute(x, grad_out, batch_dim, fisher, grad_weight,
+sq_norms, accumulate_fisher)``, writing the outputs it is given (None: not wanted):
+  fisher      [M, K] float32/float64: (+)= sum_n (D_n^T X_n)^2 (adds when accumulate_fisher)
+  grad_weight [M, K] float32/float64:   = sum_n D_n^T X_n
+  sq_norms    [N]    float32/float64:   = ||D_n^T X_n||_F^2
+Inputs are read through their strides (either layout, no copy): x [N, T, K]
+(batch_dim 0), [T, N, K] (batch_dim 1) or [N, K] (T = 1); grad_out alike with M features.
+"""
+import importlib
+from typing import Optional
+
 import torch
 
-from fqkernels import backends, checks, reference
+from fqkernels import _ext, backends, checks, reference
+
+OUT_DTYPES = (torch.float32, torch.float64)
 
 
 class _Reference:
-    fisher = staticmethod(reference.per_sample_fisher)
-    sq_norms = staticmethod(reference.per_sample_sq_norms)
+    @staticmethod
+    def compute(x, grad_out, batch_dim, fisher, grad_weight, sq_norms, accumulate_fisher):
+        if fisher is not None:
+            f = reference.per_sample_fisher(x, grad_out, batch_dim, fisher.dtype)
+            fisher.add_(f) if accumulate_fisher else fisher.copy_(f)
+        if grad_weight is not None:
+            xs, ds = reference._samples(x, grad_out, batch_dim)
+            dt = grad_weight.dtype
+            grad_weight.copy_(ds.reshape(-1, ds.shape[-1]).to(dt).t() @ xs.reshape(-1, xs.shape[-1]).to(dt))
+        if sq_norms is not None and sq_norms.numel():
+            sq_norms.copy_(reference.per_sample_sq_norms(x, grad_out, batch_dim, sq_norms.dtype))
+
+
+class _Compiled:
+    """fqkernels._cpu / fqkernels._cuda: one pass producing every requested output.
+    The CPU kernel reads float32 and bfloat16 directly; other dtypes are converted."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def compute(self, x, grad_out, batch_dim, fisher, grad_weight, sq_norms, accumulate_fisher):
+        native = (torch.float32, torch.bfloat16) if self.device == "cpu" else (torch.float32,)
+        if x.dtype not in native or grad_out.dtype != x.dtype:
+            x, grad_out = x.float(), grad_out.float()
+        opt = lambda t: None if t is None else _ext.dl(t)  # noqa: E731
+        args = (_ext.dl(x), _ext.dl(grad_out), opt(fisher), opt(grad_weight), opt(sq_norms), batch_dim,
+                accumulate_fisher, False)
+        if self.device == "cpu":
+            _ext._cpu.per_sample_fisher(*args)
+        else:
+            _ext._cuda.per_sample_fisher(*args, stream=_ext.stream_of(x))
+
+
+class _LazyTriton:
+    """fqkernels.triton.fisher, imported on first use (TRITON_INTERPRET must be set first)."""
+
+    @staticmethod
+    def compute(*args):
+        return importlib.import_module("fqkernels.triton.fisher").compute(*args)
 
 
 backends.register("per_sample_fisher", "reference", _Reference())
+backends.register("per_sample_fisher", "cpu", _Compiled("cpu"))
+backends.register("per_sample_fisher", "cuda", _Compiled("cuda"))
+backends.register("per_sample_fisher", "triton", _LazyTriton())
+
+
+@torch.library.custom_op("fqkernels::per_sample_fisher_", mutates_args=("fisher", "grad_weight", "sq_norms"))
+def per_sample_fisher_op(x: torch.Tensor, grad_out: torch.Tensor, batch_dim: int, fisher: Optional[torch.Tensor],
+                         grad_weight: Optional[torch.Tensor], sq_norms: Optional[torch.Tensor],
+                         accumulate_fisher: bool, backend: str) -> None:
+    backends.impl("per_sample_fisher", backend).compute(x, grad_out, batch_dim, fisher, grad_weight, sq_norms,
+                                                        accumulate_fisher)
+
+
+@per_sample_fisher_op.register_fake
+def _(x, grad_out, batch_dim, fisher, grad_weight, sq_norms, accumulate_fisher, backend):
+    return None
 
 
 def _check(x, grad_out, batch_dim, dtype):
     checks.check_tensor(x, "x", dim=(2, 3))
     checks.check_tensor(grad_out, "grad_out", dim=(2, 3))
     checks.check_same_device(x, "x", grad_out, "grad_out")
-    if grad_out.shape[:-1] != x.shape[:-1]:
+    if grad_out.dim() != x.dim() or grad_out.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"grad_out: expected leading dims {list(x.shape[:-1])} of x, got shape "
                          f"{list(grad_out.shape)}")
-    if batch_dim not in (0, 1) or (x.dim() == 2 and batch_dim != 0):
+    if isinstance(batch_dim, bool) or batch_dim not in (0, 1) or (x.dim() == 2 and batch_dim != 0):
         raise ValueError(f"batch_dim: expected 0 (or 1 for a 3-D [T, N, K] input), got {batch_dim}")
-    if dtype not in (torch.float32, torch.float64):
+    if dtype not in OUT_DTYPES:
         raise TypeError(f"dtype: expected torch.float32 or torch.float64 accumulation, got {dtype}")
 
 
-def per_sample_fisher(x, grad_out, batch_dim=0, dtype=torch.float32, backend=None):
-    """sum_n (D_n^T X_n)^2 -> [M, K] in ``dtype``.
+def _check_out(t, name, shape, x):
+    checks.check_tensor(t, name, dtypes=OUT_DTYPES)
+    checks.check_same_device(x, "x", t, name)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor")
+
+
+def num_samples(x, batch_dim=0):
+    return x.shape[batch_dim] if x.dim() == 3 else x.shape[0]
+
+
+def per_sample_fisher(x, grad_out, batch_dim=0, dtype=torch.float32, out=None, grad_weight=None, backend=None):
+    """sum_n (D_n^T X_n)^2 -> [M, K].
 
     x: [N, T, K] (batch_dim=0), [T, N, K] (batch_dim=1) or [N, K] (one token per sample);
     grad_out: the gradient of the per-sample-summed loss w.r.t. the layer output, same
-    layout with M features.
+    layout with M features. Any strides (no copies for float32/bfloat16 on CPU).
+    dtype: accumulation dtype of a new result (float32, or float64 for long sums).
+    out: optional float32/float64 [M, K] buffer the result is ADDED into (then returned).
+    grad_weight: optional float32/float64 [M, K] buffer that receives (is overwritten
+    with) the ordinary weight gradient sum_n D_n^T X_n, from the same pass.
     """
     _check(x, grad_out, batch_dim, dtype)
+    shape = (grad_out.shape[-1], x.shape[-1])
+    if out is not None:
+        _check_out(out, "out", shape, x)
+    if grad_weight is not None:
+        _check_out(grad_weight, "grad_weight", shape, x)
     name = backends.backend_for("per_sample_fisher", x, backend)
-    return backends.impl("per_sample_fisher", name).fisher(x, grad_out, batch_dim=batch_dim, dtype=dtype)
+    accumulate = out is not None
+    fisher = out if accumulate else torch.empty(shape, dtype=dtype, device=x.device)
+    per_sample_fisher_op(x, grad_out, batch_dim, fisher, grad_weight, None, accumulate, name)
+    return fisher
 
 
 def per_sample_sq_norms(x, grad_out, batch_dim=0, dtype=torch.float32, backend=None):
     """||D_n^T X_n||_F^2 for each sample -> [N] in ``dtype`` (layouts as per_sample_fisher)."""
     _check(x, grad_out, batch_dim, dtype)
     name = backends.backend_for("per_sample_fisher", x, backend)
-    return backends.impl("per_sample_fisher", name).sq_norms(x, grad_out, batch_dim=batch_dim, dtype=dtype)
+    sq = torch.empty(num_samples(x, batch_dim), dtype=dtype, device=x.device)
+    per_sample_fisher_op(x, grad_out, batch_dim, None, None, sq, False, name)
+    return sq
+
+
+DEFAULT_CHUNK_BYTES = 32 << 20
+
+
+def _pair(v, name):
+    v = (v, v) if isinstance(v, int) else tuple(v)
+    if len(v) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+        raise TypeError(f"{name}: expected an int or a pair of ints, got {v!r}")
+    return v
+
+
+def _check_conv(x, grad_out, weight_shape, stride, padding, dilation, groups):
+    checks.check_tensor(x, "x", dim=4)
+    checks.check_tensor(grad_out, "grad_out", dim=4)
+    checks.check_same_device(x, "x", grad_out, "grad_out")
+    if len(weight_shape) != 4:
+        raise ValueError(f"weight_shape: expected [out, in/groups, kh, kw], got {list(weight_shape)}")
+    o, cg, kh, kw = weight_shape
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or o % groups:
+        raise ValueError(f"groups: expected a positive divisor of the {o} output channels, got {groups}")
+    if x.shape[1] != cg * groups:
+        raise ValueError(f"x: expected {cg * groups} channels (weight_shape {list(weight_shape)}, groups {groups}), "
+                         f"got shape {list(x.shape)}")
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if tuple(grad_out.shape) != (x.shape[0], o, ho, wo):
+        raise ValueError(f"grad_out: expected shape {[x.shape[0], o, ho, wo]} for this convolution, "
+                         f"got {list(grad_out.shape)}")
+
+
+def conv2d_per_sample_fisher(x, grad_out, weight_shape, stride=1, padding=0, dilation=1, groups=1,
+                             dtype=torch.float32, out=None, chunk_bytes=DEFAULT_CHUNK_BYTES, backend=None):
+    """sum_n (grad of conv2d's weight for sample n)^2 -> [out, in/groups, kh, kw].
+
+    x [N, C, H, W] is the convolution's input, grad_out [N, O, Ho, Wo] the gradient of the
+    per-sample-summed loss w.r.t. its output. The unfolded input of a conv is X_n
+    [Ho*Wo, C/groups*kh*kw] per group, so this is the linear kernel on unfolded chunks:
+    at most ``chunk_bytes`` of unfolded input exist at a time. Samples whose own unfolded
+    input exceeds that are done in bands of output rows, with G_n = sum over bands of
+    D^T X accumulated in a weight-sized buffer and squared once (such per-sample GEMMs
+    are long enough for torch's GEMM to run at full speed).
+    ``out``: optional float32/float64 buffer of weight_shape that the result is added into.
+    """
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    _check_conv(x, grad_out, weight_shape, stride, padding, dilation, groups)
+    if dtype not in OUT_DTYPES:
+        raise TypeError(f"dtype: expected torch.float32 or torch.float64 accumulation, got {dtype}")
+    if out is not None:
+        _check_out(out, "out", weight_shape, x)
+    fisher = out if out is not None else torch.zeros(weight_shape, dtype=dtype, device=x.device)
+    o, cg, kh, kw = weight_shape
+    n, ho, wo = x.shape[0], grad_out.shape[2], grad_out.shape[3]
+    kg, og = cg * kh * kw, o // groups
+    per_group = fisher.view(groups, og, kg)
+    sample_bytes = groups * kg * ho * wo * x.element_size()
+    if sample_bytes <= chunk_bytes:
+        step = max(1, chunk_bytes // max(sample_bytes, 1))
+        for s in range(0, n, step):
+            cols = torch.nn.functional.unfold(x[s:s + step], (kh, kw), dilation, padding, stride)
+            cols = cols.view(cols.shape[0], groups, kg, ho * wo)
+            d = grad_out[s:s + step].reshape(cols.shape[0], groups, og, ho * wo)
+            for g in range(groups):  # [n, L, K] and [n, L, M] views by strides: no copies
+                per_sample_fisher(cols[:, g].transpose(1, 2), d[:, g].transpose(1, 2), out=per_group[g],
+                                  backend=backend)
+        return fisher
+    (sh, _), (ph, pw), (dh, _) = stride, padding, dilation
+    rows = max(1, chunk_bytes // (groups * kg * wo * x.element_size()))
+    g_n = torch.empty(groups, og, kg, dtype=torch.float32, device=x.device)
+    for i in range(n):
+        g_n.zero_()
+        xp = torch.nn.functional.pad(x[i:i + 1].float(), (pw, pw, ph, ph))
+        for r0 in range(0, ho, rows):
+            r1 = min(ho, r0 + rows)
+            band = xp[:, :, r0 * sh:(r1 - 1) * sh + dh * (kh - 1) + 1]
+            cols = torch.nn.functional.unfold(band, (kh, kw), dilation, 0, stride).view(groups, kg, -1)
+            d = grad_out[i, :, r0:r1].float().reshape(groups, og, -1)
+            g_n.baddbmm_(d, cols.transpose(1, 2))
+        per_group.add_(g_n.to(fisher.dtype).square())
+    return fisher
+
+
+class _LinearWithFisher(torch.autograd.Function):
+    """y = x W^T + b whose backward takes dW from the Fisher kernel's pass (so collecting
+    the Fisher costs the kernel instead of an extra weight-gradient matmul)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, fisher, batch_dim, backend):
+        ctx.save_for_backward(x, weight)
+        ctx.fisher, ctx.batch_dim, ctx.backend, ctx.has_bias = fisher, batch_dim, backend, bias is not None
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_y @ weight.to(grad_y.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        per_sample_fisher(x, grad_y, ctx.batch_dim, out=ctx.fisher, grad_weight=grad_w, backend=ctx.backend)
+        grad_b = grad_y.sum(tuple(range(grad_y.dim() - 1))).to(weight.dtype) if ctx.has_bias else None
+        return grad_x, grad_w.to(weight.dtype), grad_b, None, None, None
+
+
+def linear_with_fisher(x, weight, bias, fisher, batch_dim=0, backend=None):
+    """F.linear whose backward also adds sum_n (D_n^T X_n)^2 into ``fisher`` ([out, in],
+    float32/float64) in the same kernel pass that produces dW: the float-layer
+    counterpart of ``quant_linear(..., fisher=...)``. x: [N, T, in] / [T, N, in]
+    (``batch_dim``) or [N, in]."""
+    _check(x, x.new_empty(*x.shape[:-1], weight.shape[0]), batch_dim, fisher.dtype)
+    _check_out(fisher, "fisher", tuple(weight.shape), x)
+    return _LinearWithFisher.apply(x, weight, bias, fisher, batch_dim, backend)

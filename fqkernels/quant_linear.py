@@ -1,11 +1,27 @@
 """quant_linear: y = Qa(x) Qw(W)^T + b with weights per output channel, activations
 per tensor, LSQ gradients of both scales and, optionally, per-sample Fisher
-accumulation of the weight gradient in the same backward pass."""
+accumulation of the weight gradient in the same backward pass.
+
+Backends (all with reference.quant_linear_forward/backward's signatures):
+  reference  pure PyTorch (the oracle);
+  cpu        exact integer forward: C++ kernels quantize x and W to int8 codes, the
+             int8 x int8 -> int32 GEMM is torch._int_mm (oneDNN, AVX-512 VNNI), and a
+             C++ epilogue scales the int32 accumulator in place into the float32
+             output. Float path (C++ fake quant + F.linear) when activations are not
+             quantized, K > _cpu.MAX_EXACT_K, or an operand holds NaN. Backward: C++
+             fake quant of both operands, two fp32 torch.mm, and the STE masks and
+             LSQ scale-gradient reductions in one C++ pass each (fake_quant's kernel);
+  triton     fqkernels/triton/quant_gemm.py (operands quantized in the GEMM prologue);
+  cuda       csrc/cuda/quant_linear.cu (same semantics, int8 WMMA for the integer path);
+             both through fqkernels/gemm_backends.py.
+"""
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from fqkernels import backends, checks, reference
+from fqkernels import _ext, backends, checks, composite, gemm_backends, reference
+from fqkernels import fisher as fisher_ops
 
 
 class _Reference:
@@ -13,8 +29,107 @@ class _Reference:
     backward = staticmethod(reference.quant_linear_backward)
 
 
-backends.register("quant_linear", "reference", _Reference())
+def accumulate_fisher(fisher, xq, grad_y, weight, w_scale, w_bits, batch_dim):
+    """Fisher hook shared by the backends: fisher += mask_w * sum_n (D_n^T Qa(X_n))^2.
 
+    Goes through the per_sample_fisher registry, so the fused Fisher kernels are used
+    as soon as they are registered there (fqkernels/fisher.py)."""
+    mask = reference.ste_mask(weight, w_scale, w_bits, True, axis=0)
+    fisher += mask * fisher_ops.per_sample_fisher(xq, grad_y, batch_dim=batch_dim, dtype=fisher.dtype)
+
+
+def _f32(t):
+    return t.float().contiguous()
+
+
+def cpu_fake_quant(x, scale, bits, signed, axis=None):
+    """C++ fake quantization of a contiguous float32 tensor into a new one."""
+    out = torch.empty_like(x)
+    _ext._cpu.fake_quant_forward(_ext.dl(x), _ext.dl(scale), _ext.dl(out), bits, signed, axis)
+    return out
+
+
+def cpu_ste_backward_(grad, x, scale, bits, signed, axis, grad_factor):
+    """grad <- STE-mask(grad) in place; returns the LSQ scale gradient (one C++ pass)."""
+    grad_scale = torch.empty_like(scale)
+    _ext._cpu.fake_quant_backward(_ext.dl(grad), _ext.dl(x), _ext.dl(scale), _ext.dl(grad), _ext.dl(grad_scale),
+                                  bits, signed, axis, grad_factor)
+    return grad_scale
+
+
+class Lazy:
+    """A backend implementation imported on first use (triton is optional, slow to import,
+    and TRITON_INTERPRET must be set before its kernels are defined)."""
+
+    def __init__(self, module, name):
+        self.module, self.name = module, name
+
+    def __getattr__(self, attr):
+        import importlib
+
+        return getattr(getattr(importlib.import_module(self.module), self.name), attr)
+
+
+class _Cpu:
+    """The `cpu` backend (see the module docstring)."""
+
+    @staticmethod
+    def _int_forward(x2, w, bias, w_scale, a_scale, w_bits, a_bits, a_signed):
+        """Exact integer path on 2-D float32 inputs; None where it does not apply."""
+        if w.shape[1] > _ext._cpu.MAX_EXACT_K:
+            return None
+        x_codes = torch.empty(x2.shape, dtype=torch.int8)
+        w_codes_t = torch.empty(w.shape[1], w.shape[0], dtype=torch.int8)
+        row_sums = torch.empty(w.shape[0], dtype=torch.int32)
+        if _ext._cpu.quant_weight_codes_t(_ext.dl(w), _ext.dl(w_scale), _ext.dl(w_codes_t), _ext.dl(row_sums),
+                                          w_bits):
+            return None
+        if _ext._cpu.quant_act_codes(_ext.dl(x2), _ext.dl(a_scale), _ext.dl(x_codes), a_bits, a_signed):
+            return None
+        acc = torch._int_mm(x_codes, w_codes_t)
+        _ext._cpu.int_accum_epilogue(_ext.dl(acc), _ext.dl(a_scale), _ext.dl(w_scale), _ext.dl(row_sums),
+                                     None if bias is None else _ext.dl(bias), a_bits, a_signed)
+        return acc.view(torch.float32)
+
+    def forward(self, x, weight, bias, w_scale, a_scale, w_bits, a_bits, a_signed=True):
+        x2, w = _f32(x.reshape(-1, x.shape[-1])), _f32(weight)
+        bias = None if bias is None else _f32(bias)
+        w_scale = _f32(w_scale)
+        y = None
+        if a_bits is not None:
+            a_scale = _f32(a_scale).reshape(1)
+            y = self._int_forward(x2, w, bias, w_scale, a_scale, w_bits, a_bits, a_signed)
+        if y is None:
+            xq = x2 if a_bits is None else cpu_fake_quant(x2, a_scale, a_bits, a_signed)
+            y = F.linear(xq, cpu_fake_quant(w, w_scale, w_bits, True, 0), bias)
+        return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+
+    def backward(self, grad_y, x, weight, w_scale, a_scale, w_bits, a_bits, a_signed=True, w_grad_factor=1.0,
+                 a_grad_factor=1.0, fisher=None, batch_dim=0):
+        x2, w = _f32(x.reshape(-1, x.shape[-1])), _f32(weight)
+        g = _f32(grad_y.reshape(-1, grad_y.shape[-1]))
+        w_scale = _f32(w_scale)
+        xq = x2
+        if a_bits is not None:
+            a_scale = _f32(a_scale).reshape(1)
+            xq = cpu_fake_quant(x2, a_scale, a_bits, a_signed)
+        grad_x = torch.mm(g, cpu_fake_quant(w, w_scale, w_bits, True, 0))
+        grad_w = torch.mm(g.t(), xq)
+        grad_a_scale = None
+        if a_bits is not None:
+            grad_a_scale = cpu_ste_backward_(grad_x, x2, a_scale, a_bits, a_signed, None, a_grad_factor)
+        grad_w_scale = cpu_ste_backward_(grad_w, w, w_scale, w_bits, True, 0, w_grad_factor)
+        if fisher is not None:
+            accumulate_fisher(fisher, xq.reshape(x.shape), g.reshape(grad_y.shape), weight, w_scale, w_bits,
+                              batch_dim)
+        return (grad_x.reshape(x.shape).to(x.dtype), grad_w.to(weight.dtype), g.sum(0), grad_w_scale,
+                grad_a_scale)
+
+
+backends.register("quant_linear", "reference", _Reference())
+backends.register("quant_linear", "cpu", _Cpu())
+backends.register("quant_linear", "triton", Lazy("fqkernels.triton.quant_gemm", "QUANT_LINEAR"))
+backends.register("quant_linear", "cuda", gemm_backends.QuantLinear(gemm_backends.cuda_quant_gemm))
 
 @torch.library.custom_op("fqkernels::quant_linear_forward", mutates_args=())
 def quant_linear_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -107,6 +222,11 @@ def quant_linear(x, weight, bias=None, w_scale=None, a_scale=None, w_bits=4, a_b
             raise ValueError(f"fisher_batch_dim: expected 0 or 1 for a 3-D x, got {fisher_batch_dim}")
         if x.dim() > 3:
             raise ValueError(f"x: per-sample Fisher needs a 2-D or 3-D input, got shape {list(x.shape)}")
+    if composite.active():
+        if fisher is not None:
+            raise ValueError("fisher: per-sample Fisher accumulation is not available inside fk.differentiable()")
+        return composite.quant_linear(x, weight, bias, w_scale, a_scale, w_bits, a_bits, bool(a_signed),
+                                      float(w_grad_factor), float(a_grad_factor))
     name = backends.backend_for("quant_linear", x, backend)
     config = (w_bits, a_bits, bool(a_signed), float(w_grad_factor), float(a_grad_factor), fisher_batch_dim, name)
     return QuantLinearFunction.apply(x, weight, bias, w_scale, a_scale, config, fisher)

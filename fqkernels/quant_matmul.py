@@ -1,8 +1,20 @@
 """quant_matmul: Qa(a) @ Qb(b) with per-tensor scales, for the attention products
-(Q K^T with signed operands, A V with unsigned attention probabilities)."""
+(Q K^T with signed operands, A V with unsigned attention probabilities).
+
+Backends (reference.quant_matmul_forward/backward's signatures):
+  reference  pure PyTorch (the oracle);
+  cpu        float path: C++ fake quantization of both operands (one pass each),
+             torch.matmul, and in the backward the STE masks and LSQ scale gradients
+             in one C++ pass per operand. (Attention products have K = head dim or
+             batched shapes, where torch._int_mm's 2-D, per-call overhead buys
+             little; the integer path is quant_linear's.)
+  triton     fqkernels/triton/quant_gemm.py, cuda csrc/cuda/quant_linear.cu: the fused
+             quant_gemm of quant_linear (fqkernels/gemm_backends.py), batched.
+"""
 import torch
 
-from fqkernels import backends, checks, reference
+from fqkernels import backends, checks, composite, gemm_backends, reference
+from fqkernels.quant_linear import Lazy, cpu_fake_quant, cpu_ste_backward_
 
 
 class _Reference:
@@ -10,7 +22,37 @@ class _Reference:
     backward = staticmethod(reference.quant_matmul_backward)
 
 
+def _f32(t):
+    return t.float().contiguous()
+
+
+class _Cpu:
+    @staticmethod
+    def _quantized(a, b, a_scale, b_scale, a_bits, b_bits, a_signed, b_signed):
+        a, b, a_scale, b_scale = _f32(a), _f32(b), _f32(a_scale).reshape(1), _f32(b_scale).reshape(1)
+        return (a, b, a_scale, b_scale, cpu_fake_quant(a, a_scale, a_bits, a_signed),
+                cpu_fake_quant(b, b_scale, b_bits, b_signed))
+
+    def forward(self, a, b, a_scale, b_scale, a_bits, b_bits, a_signed=True, b_signed=True):
+        *_, aq, bq = self._quantized(a, b, a_scale, b_scale, a_bits, b_bits, a_signed, b_signed)
+        return torch.matmul(aq, bq).to(a.dtype)
+
+    def backward(self, grad_y, a, b, a_scale, b_scale, a_bits, b_bits, a_signed=True, b_signed=True,
+                 a_grad_factor=1.0, b_grad_factor=1.0):
+        a32, b32, sa, sb, aq, bq = self._quantized(a, b, a_scale, b_scale, a_bits, b_bits, a_signed, b_signed)
+        g = grad_y.float()
+        # Broadcast batch dims were expanded in the product: sum them back before masking.
+        grad_a = _f32(torch.matmul(g, bq.transpose(-1, -2)).sum_to_size(a.shape))
+        grad_b = _f32(torch.matmul(aq.transpose(-1, -2), g).sum_to_size(b.shape))
+        grad_sa = cpu_ste_backward_(grad_a, a32, sa, a_bits, a_signed, None, a_grad_factor)
+        grad_sb = cpu_ste_backward_(grad_b, b32, sb, b_bits, b_signed, None, b_grad_factor)
+        return grad_a.to(a.dtype), grad_b.to(b.dtype), grad_sa.reshape(a_scale.shape), grad_sb.reshape(b_scale.shape)
+
+
 backends.register("quant_matmul", "reference", _Reference())
+backends.register("quant_matmul", "cpu", _Cpu())
+backends.register("quant_matmul", "triton", Lazy("fqkernels.triton.quant_gemm", "QUANT_MATMUL"))
+backends.register("quant_matmul", "cuda", gemm_backends.QuantMatmul(gemm_backends.cuda_quant_gemm))
 
 
 @torch.library.custom_op("fqkernels::quant_matmul_forward", mutates_args=())
@@ -71,6 +113,9 @@ def quant_matmul(a, b, a_scale, b_scale, a_bits=8, b_bits=8, a_signed=True, b_si
     checks.check_bits(b_bits, "b_bits")
     a_scale = checks.as_scale(a_scale, "a_scale", a, 1)
     b_scale = checks.as_scale(b_scale, "b_scale", b, 1)
+    if composite.active():
+        return composite.quant_matmul(a, b, a_scale, b_scale, a_bits, b_bits, bool(a_signed), bool(b_signed),
+                                      float(a_grad_factor), float(b_grad_factor))
     name = backends.backend_for("quant_matmul", a, backend)
     config = (a_bits, b_bits, bool(a_signed), bool(b_signed), float(a_grad_factor), float(b_grad_factor), name)
     return QuantMatmulFunction.apply(a, b, a_scale, b_scale, config)

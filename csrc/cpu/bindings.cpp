@@ -6,6 +6,8 @@
 #include <optional>
 
 #include "fake_quant.h"
+#include "fisher.h"
+#include "quant_linear.h"
 #include "fq/tensor_arg.h"
 
 namespace py = pybind11;
@@ -69,6 +71,128 @@ void fake_quant_backward(py::object grad_y_, py::object x_, py::object scale_, p
 
 }  // namespace
 
+// ---- quant_linear: exact integer path (quantize to int8 codes, int32 epilogue) ----
+namespace {
+
+bool quant_act_codes(py::object x_, py::object scale_, py::object codes_, int bits, bool is_signed) {
+  fq::require_bits(bits, "bits");
+  TensorArg x = cpu_tensor(x_, "x", {DType::f32});
+  TensorArg scale = cpu_tensor(scale_, "scale", {DType::f32});
+  TensorArg codes = cpu_tensor(codes_, "codes", {DType::i8});
+  fq::require_shape(scale, {1});
+  fq::require_shape(codes, x.shape);
+  const auto r = fq::qrange(bits, is_signed);
+  py::gil_scoped_release nogil;
+  return fq::cpu::quantize_act_codes(x.ptr<float>(), codes.ptr<int8_t>(), x.numel(), *scale.ptr<float>(), r);
+}
+
+bool quant_weight_codes_t(py::object weight_, py::object scale_, py::object codes_t_, py::object row_sums_,
+                          int bits) {
+  fq::require_bits(bits, "bits");
+  TensorArg w = cpu_tensor(weight_, "weight", {DType::f32});
+  TensorArg scale = cpu_tensor(scale_, "scale", {DType::f32});
+  TensorArg codes_t = cpu_tensor(codes_t_, "codes_t", {DType::i8});
+  TensorArg row_sums = cpu_tensor(row_sums_, "row_sums", {DType::i32});
+  if (w.dim() != 2) throw py::value_error("weight: expected 2 dimensions, got shape " + w.shape_str());
+  if (w.shape[1] > fq::cpu::kMaxExactK)
+    throw py::value_error("weight: the int32 accumulator is exact for at most " +
+                          std::to_string(fq::cpu::kMaxExactK) + " input features, got " + w.shape_str());
+  fq::require_shape(scale, {w.shape[0]});
+  fq::require_shape(codes_t, {w.shape[1], w.shape[0]});
+  fq::require_shape(row_sums, {w.shape[0]});
+  const auto r = fq::qrange(bits, true);
+  py::gil_scoped_release nogil;
+  return fq::cpu::quantize_weight_codes_t(w.ptr<float>(), scale.ptr<float>(), codes_t.ptr<int8_t>(),
+                                          row_sums.ptr<int32_t>(), w.shape[0], w.shape[1], r);
+}
+
+void int_accum_epilogue(py::object acc_, py::object a_scale_, py::object w_scale_, py::object row_sums_,
+                        std::optional<py::object> bias_, int a_bits, bool a_signed) {
+  fq::require_bits(a_bits, "a_bits");
+  TensorArg acc = cpu_tensor(acc_, "acc", {DType::i32});
+  TensorArg a_scale = cpu_tensor(a_scale_, "a_scale", {DType::f32});
+  TensorArg w_scale = cpu_tensor(w_scale_, "w_scale", {DType::f32});
+  TensorArg row_sums = cpu_tensor(row_sums_, "row_sums", {DType::i32});
+  if (acc.dim() != 2) throw py::value_error("acc: expected 2 dimensions, got shape " + acc.shape_str());
+  fq::require_shape(a_scale, {1});
+  fq::require_shape(w_scale, {acc.shape[1]});
+  fq::require_shape(row_sums, {acc.shape[1]});
+  const float* bias = nullptr;
+  if (bias_ && !bias_->is_none()) {
+    TensorArg b = cpu_tensor(*bias_, "bias", {DType::f32});
+    fq::require_shape(b, {acc.shape[1]});
+    bias = b.ptr<float>();
+  }
+  const int32_t offset = fq::cpu::int8_code_offset(fq::qrange(a_bits, a_signed));
+  py::gil_scoped_release nogil;
+  fq::cpu::int_accum_epilogue(acc.data, acc.shape[0], acc.shape[1], *a_scale.ptr<float>(), w_scale.ptr<float>(),
+                              row_sums.ptr<int32_t>(), offset, bias);
+}
+
+}  // namespace
+
+// ---- per_sample_fisher: squared per-sample weight gradients (and dW) in one pass ----
+namespace {
+
+// A 2-D [N, F] or 3-D input seen as [N, T, F] through its element strides (no copy):
+// T = 1 for 2-D inputs; batch_dim = 1 reads a sequence-first [T, N, F] tensor.
+struct SampleView {
+  int64_t n, t, f, s_n, s_t, s_f;
+};
+
+SampleView sample_view(const TensorArg& a, int64_t batch_dim) {
+  if (a.dim() == 2) return {a.shape[0], 1, a.shape[1], a.strides[0], 0, a.strides[1]};
+  const int64_t b = batch_dim, s = 1 - batch_dim;
+  return {a.shape[b], a.shape[s], a.shape[2], a.strides[b], a.strides[s], a.strides[2]};
+}
+
+TensorArg strided_cpu_input(const py::object& obj, const char* name) {
+  TensorArg a = fq::tensor_arg(obj, name);
+  fq::require_device(a, kDLCPU);
+  fq::require_dtype(a, {DType::f32, DType::bf16});
+  if (a.dim() != 2 && a.dim() != 3)
+    throw py::value_error(std::string(name) + ": expected 2 or 3 dimensions, got shape " + a.shape_str());
+  return a;
+}
+
+// Optional float32/float64 output of the given shape; returns nullptr for None.
+void* optional_output(const py::object& obj, const char* name, const std::vector<int64_t>& shape, bool* f64) {
+  if (obj.is_none()) return nullptr;
+  TensorArg a = cpu_tensor(obj, name, {DType::f32, DType::f64});
+  fq::require_shape(a, shape);
+  *f64 = a.dtype == DType::f64;
+  return a.data;
+}
+
+void per_sample_fisher(py::object x_, py::object grad_out_, py::object fisher_, py::object grad_weight_,
+                       py::object sq_norms_, int64_t batch_dim, bool accumulate_fisher, bool accumulate_grad_weight) {
+  TensorArg x = strided_cpu_input(x_, "x");
+  TensorArg d = strided_cpu_input(grad_out_, "grad_out");
+  fq::require_same_dtype(x, d);
+  if (batch_dim != 0 && !(batch_dim == 1 && x.dim() == 3))
+    throw py::value_error("batch_dim: expected 0 (or 1 for a 3-D [T, N, K] input), got " + std::to_string(batch_dim));
+  if (d.dim() != x.dim() || !std::equal(x.shape.begin(), x.shape.end() - 1, d.shape.begin()))
+    throw py::value_error("grad_out: expected the leading dimensions of x " + x.shape_str() + ", got shape " +
+                          d.shape_str());
+  const SampleView xv = sample_view(x, batch_dim), dv = sample_view(d, batch_dim);
+  fq::cpu::FisherArgs a{};
+  a.x = x.data;
+  a.d = d.data;
+  a.bf16 = x.dtype == DType::bf16;
+  a.n = xv.n, a.t = xv.t, a.k = xv.f, a.m = dv.f;
+  a.xs_n = xv.s_n, a.xs_t = xv.s_t, a.xs_k = xv.s_f;
+  a.ds_n = dv.s_n, a.ds_t = dv.s_t, a.ds_m = dv.s_f;
+  a.fisher = optional_output(fisher_, "fisher", {a.m, a.k}, &a.fisher_f64);
+  a.grad_weight = optional_output(grad_weight_, "grad_weight", {a.m, a.k}, &a.grad_f64);
+  a.sq_norms = optional_output(sq_norms_, "sq_norms", {a.n}, &a.sq_f64);
+  a.fisher_accumulate = accumulate_fisher;
+  a.grad_accumulate = accumulate_grad_weight;
+  py::gil_scoped_release nogil;
+  fq::cpu::per_sample_fisher(a);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "fqkernels CPU kernels (C++ / OpenMP / SIMD). Tensors are passed as DLPack capsules.";
   m.def("fake_quant_forward", &fake_quant_forward, py::arg("x"), py::arg("scale"), py::arg("out"),
@@ -78,4 +202,21 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("grad_x"), py::arg("grad_scale"), py::arg("bits"), py::arg("signed"),
         py::arg("axis") = py::none(), py::arg("grad_factor") = 1.0f,
         "STE input gradient into grad_x and LSQ scale gradient into grad_scale.");
+  m.def("quant_act_codes", &quant_act_codes, py::arg("x"), py::arg("scale"), py::arg("codes"), py::arg("bits"),
+        py::arg("signed"),
+        "int8 codes of x (per tensor; unsigned 8 bit shifted by -128). Returns True if x holds NaN.");
+  m.def("quant_weight_codes_t", &quant_weight_codes_t, py::arg("weight"), py::arg("scale"), py::arg("codes_t"),
+        py::arg("row_sums"), py::arg("bits"),
+        "Signed int8 codes of weight [N, K] per row, written transposed [K, N], and their row sums. "
+        "Returns True if weight holds NaN.");
+  m.def("int_accum_epilogue", &int_accum_epilogue, py::arg("acc"), py::arg("a_scale"), py::arg("w_scale"),
+        py::arg("row_sums"), py::arg("bias"), py::arg("a_bits"), py::arg("a_signed"),
+        "Rewrites the int32 accumulator [T, N] in place as float32 y = acc * a_scale * w_scale + bias.");
+  m.attr("MAX_EXACT_K") = fq::cpu::kMaxExactK;
+  m.def("per_sample_fisher", &per_sample_fisher, py::arg("x"), py::arg("grad_out"), py::arg("fisher"),
+        py::arg("grad_weight"), py::arg("sq_norms"), py::arg("batch_dim") = 0, py::arg("accumulate_fisher") = false,
+        py::arg("accumulate_grad_weight") = false,
+        "For x [N, T, K] / grad_out [N, T, M] (batch_dim 0; 1: [T, N, *]; 2-D: T = 1), any strides: "
+        "fisher [M, K] (+)= sum_n (D_n^T X_n)^2, grad_weight [M, K] (+)= sum_n D_n^T X_n, "
+        "sq_norms [N] = ||D_n^T X_n||^2; each output float32/float64 or None.");
 }

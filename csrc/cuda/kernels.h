@@ -18,4 +18,53 @@ const char* fake_quant_backward(const void* grad_y, const void* x, const float* 
                                 float* grad_scale, int dtype_code, int64_t outer, int64_t channels,
                                 int64_t inner, QRange range, float grad_factor, void* stream);
 
+
+// ---- quant_gemm (quant_linear / quant_matmul, csrc/cuda/quant_linear.cu) ----
+// C[z, m, n] = sum_k A'[z, m, k] B'[z, k, n], operands fake-quantized (or quantized to
+// int8 codes on the integer path) as they are loaded; epilogue: scales and bias
+// (forward) or the STE mask against E plus the LSQ scale gradient (backward).
+struct QuantOperand {
+  bool quantized;
+  const float* scale;  // per tensor (A, E), or as b_scale_mode says (B); E also per row m
+  QRange range;
+};
+
+struct QuantGemmArgs {
+  const void* a;  // [Z, M, K], strides sa (in elements: z, row, col); any float dtype T
+  const void* b;  // [Z, K, N], strides sb; dtype T
+  float* c;       // [Z, M, N], strides sc
+  int64_t Z, M, N, K;
+  int64_t sa[3], sb[3], sc[3];
+  QuantOperand qa, qb;
+  int b_scale_mode;    // 0: per tensor, 1: per n, 2: per k
+  const float* bias;   // [N] or null
+  const void* e;       // null, or [Z, M, N] of dtype T with C's strides: STE epilogue
+  QuantOperand qe;
+  bool e_per_row;      // E's scale per row m (else per tensor)
+  float grad_factor;
+  float* grad_scale;   // [M] or [1]; accumulated into (zero it first)
+};
+
+// int8_path: A and B codes fit int8 and their scales factor out (mode 0 or 1).
+const char* quant_gemm(const QuantGemmArgs& args, int dtype_code, bool int8_path, void* stream);
+
+// ---- per_sample_fisher (csrc/cuda/fisher.cu) ----
+// x [N, T, K] / d [N, T, M] float32 by element strides (either layout). Outputs, each
+// optional (nullptr), float or double, contiguous: fisher [M, K] (+)= sum_n (D_n^T X_n)^2,
+// grad_weight [M, K] = sum_n D_n^T X_n, sq_norms [N] = ||D_n^T X_n||^2.
+struct PerSampleFisherArgs {
+  const float* x;
+  const float* d;
+  int64_t n, t, k, m;
+  int64_t xs_n, xs_t, xs_k, ds_n, ds_t, ds_m;
+  void* fisher;
+  bool fisher_f64, fisher_accumulate;
+  void* grad_weight;
+  bool grad_f64;
+  void* sq_norms;
+  bool sq_f64;
+};
+
+const char* per_sample_fisher(const PerSampleFisherArgs& args, void* stream);
+
 }  // namespace fq::cuda

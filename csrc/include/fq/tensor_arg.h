@@ -16,7 +16,7 @@ namespace fq {
 
 namespace py = pybind11;
 
-enum class DType { f32, bf16, f16, i8, i32, other };
+enum class DType { f32, bf16, f16, i8, i32, f64, other };
 
 inline const char* dtype_name(DType d) {
   switch (d) {
@@ -25,6 +25,7 @@ inline const char* dtype_name(DType d) {
     case DType::f16: return "float16";
     case DType::i8: return "int8";
     case DType::i32: return "int32";
+    case DType::f64: return "float64";
     default: return "an unsupported dtype";
   }
 }
@@ -64,6 +65,7 @@ inline DType dtype_of(const DLDataType& t) {
   if (t.lanes != 1) return DType::other;
   if (t.code == kDLFloat && t.bits == 32) return DType::f32;
   if (t.code == kDLFloat && t.bits == 16) return DType::f16;
+  if (t.code == kDLFloat && t.bits == 64) return DType::f64;
   if (t.code == kDLBfloat && t.bits == 16) return DType::bf16;
   if (t.code == kDLInt && t.bits == 8) return DType::i8;
   if (t.code == kDLInt && t.bits == 32) return DType::i32;

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# GPU check (to be merged by the lead into the full script): builds fqkernels._cuda,
+# runs the GPU tests and prints a short benchmark table.  Usage: bash benchmarks/gpu_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+
+# ---- section: quant_linear / quant_matmul (issue 3) ----
+FQ_BUILD_CUDA=1 $PY -m pip install -q --no-build-isolation --no-deps -e .
+# GPU tests: the cuda backend vs the reference (and triton compiled, not interpreted).
+TRITON_INTERPRET=0 $PY -m pytest -q tests/test_quant_linear.py tests/test_quant_matmul.py
+$PY - <<'PYEOF'
+import torch, torch.nn.functional as F
+import fqkernels as fk
+
+def ms(fn, n=50):
+    fn(); torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record(); torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+print(f"{'shape':>22} {'impl':>12} {'fwd ms':>8} {'fwd+bwd ms':>11}")
+for tokens, k, n in [(1700, 256, 2048), (6800, 256, 2048), (6800, 256, 256)]:
+    dev = "cuda"
+    x = torch.randn(tokens, k, device=dev, requires_grad=True)
+    w = (torch.randn(n, k, device=dev) * 0.05).requires_grad_()
+    b = torch.randn(n, device=dev, requires_grad=True)
+    ws = (torch.rand(n, device=dev) * 0.01 + 0.005).requires_grad_()
+    a = torch.tensor([0.05], device=dev, requires_grad=True)
+    g = torch.randn(tokens, n, device=dev)
+    xb, wb = x.detach().bfloat16(), w.detach().bfloat16()
+    impls = {
+        "bf16 cuBLAS": lambda: F.linear(xb, wb),
+        "fp32 linear": lambda: F.linear(x, w, b),
+        "torch.ao": lambda: F.linear(
+            torch._fake_quantize_learnable_per_tensor_affine(x, a, torch.zeros(1, device=dev), -128, 127, 1.0),
+            torch._fake_quantize_learnable_per_channel_affine(w, ws, torch.zeros(n, device=dev), 0, -8, 7, 1.0), b),
+        **{be: (lambda be=be: fk.quant_linear(x, w, b, ws, a, 4, 8, backend=be)) for be in ("cuda", "triton")},
+    }
+    for name, fn in impls.items():
+        with torch.no_grad():
+            fwd = ms(fn)
+        train = (lambda fn=fn: fn().backward(g)) if name != "bf16 cuBLAS" else None
+        fb = ms(train, 20) if train else float("nan")
+        print(f"{tokens}x{k}->{n:>6} {name:>12} {fwd:8.3f} {fb:11.3f}")
+PYEOF

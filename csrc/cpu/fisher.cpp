@@ -1,0 +1,324 @@
+// CPU per-sample Fisher, tiled so that per-sample gradients never exist in memory.
+//
+// The output [M, K] is cut into blocks of kMb x kKb; OpenMP hands out blocks. For
+// its block a thread loops over samples; for each sample it packs chunks of kTc
+// token rows of D_n[:, block] and X_n[:, block] into zero-padded panels (this is
+// where strides, layouts and bfloat16 are resolved, so the microkernel only sees
+// contiguous float panels), accumulates G = D_n^T X_n for the block with a
+// register-blocked MR x NR microkernel, and then squares G into the Fisher block
+// (and adds it into dW, and its squared sum into the sample's norm). The extra
+// memory is one block of G and two panels per thread, whatever N and T.
+//
+// T == 1 (one token per sample) is a special case: then sum_n (d_n x_n^T)^2 =
+// (D∘D)^T (X∘X), a single GEMM over samples, so samples become the reduction
+// rows and the packing squares the values; squaring per sample would make the
+// kernel memory-bound on the Fisher block.
+//
+// Microkernels: AVX-512 and AVX2+FMA intrinsics selected at run time (never
+// -march=native), and a portable C++ fallback.
+#include "fisher.h"
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "fq/quant_math.h"
+
+namespace fq::cpu {
+namespace {
+
+constexpr int64_t MR = 8;    // microtile rows (output features m)
+constexpr int64_t NR = 32;   // microtile columns (input features k): two AVX-512 vectors
+constexpr int64_t kMb = 64;  // block of m per task: a D panel chunk stays in L1
+constexpr int64_t kKb = 128; // block of k per task
+constexpr int64_t kTc = 256; // packed rows (tokens, or samples when T == 1) per chunk
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FQ_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FQ_MULTIVERSION
+#endif
+
+// g[MR x NR] (row stride ldg) = (load ? g : 0) + sum_r dp[r, :]^T xp[r, :], where dp is
+// a packed [rows][MR] panel and xp a packed [rows][NR] panel.
+using Microkernel = void (*)(int64_t rows, const float* dp, const float* xp, float* g, int64_t ldg, bool load);
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// 8 x 32 floats = 16 zmm accumulators: enough independent FMA chains to hide the
+// FMA latency on two pipes, with 2 vector loads + 8 broadcasts per 16 FMAs.
+__attribute__((target("avx512f"))) void micro_avx512(int64_t rows, const float* dp, const float* xp, float* g,
+                                                     int64_t ldg, bool load) {
+  __m512 c[MR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    c[r][0] = load ? _mm512_loadu_ps(g + r * ldg) : _mm512_setzero_ps();
+    c[r][1] = load ? _mm512_loadu_ps(g + r * ldg + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t t = 0; t < rows; ++t) {
+    const __m512 x0 = _mm512_loadu_ps(xp + t * NR), x1 = _mm512_loadu_ps(xp + t * NR + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(dp[t * MR + r]);
+      c[r][0] = _mm512_fmadd_ps(a, x0, c[r][0]);
+      c[r][1] = _mm512_fmadd_ps(a, x1, c[r][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    _mm512_storeu_ps(g + r * ldg, c[r][0]);
+    _mm512_storeu_ps(g + r * ldg + 16, c[r][1]);
+  }
+}
+
+// AVX2 has 16 ymm registers: the 8 x 32 tile is done as four 4 x 16 quarters
+// (8 accumulators each), re-reading the panels from L1.
+__attribute__((target("avx2,fma"))) void micro_avx2(int64_t rows, const float* dp, const float* xp, float* g,
+                                                     int64_t ldg, bool load) {
+  for (int r0 = 0; r0 < MR; r0 += 4) {
+    for (int c0 = 0; c0 < NR; c0 += 16) {
+      __m256 c[4][2];
+      for (int r = 0; r < 4; ++r) {
+        float* gr = g + (r0 + r) * ldg + c0;
+        c[r][0] = load ? _mm256_loadu_ps(gr) : _mm256_setzero_ps();
+        c[r][1] = load ? _mm256_loadu_ps(gr + 8) : _mm256_setzero_ps();
+      }
+      for (int64_t t = 0; t < rows; ++t) {
+        const __m256 x0 = _mm256_loadu_ps(xp + t * NR + c0), x1 = _mm256_loadu_ps(xp + t * NR + c0 + 8);
+        for (int r = 0; r < 4; ++r) {
+          const __m256 a = _mm256_broadcast_ss(dp + t * MR + r0 + r);
+          c[r][0] = _mm256_fmadd_ps(a, x0, c[r][0]);
+          c[r][1] = _mm256_fmadd_ps(a, x1, c[r][1]);
+        }
+      }
+      for (int r = 0; r < 4; ++r) {
+        float* gr = g + (r0 + r) * ldg + c0;
+        _mm256_storeu_ps(gr, c[r][0]);
+        _mm256_storeu_ps(gr + 8, c[r][1]);
+      }
+    }
+  }
+}
+#endif
+
+void micro_generic(int64_t rows, const float* dp, const float* xp, float* g, int64_t ldg, bool load) {
+  float c[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) c[r][j] = load ? g[r * ldg + j] : 0.0f;
+  for (int64_t t = 0; t < rows; ++t)
+    for (int r = 0; r < MR; ++r) {
+      const float a = dp[t * MR + r];
+      for (int j = 0; j < NR; ++j) c[r][j] += a * xp[t * NR + j];
+    }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) g[r * ldg + j] = c[r][j];
+}
+
+Microkernel pick_microkernel() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return micro_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return micro_avx2;
+#endif
+  return micro_generic;
+}
+
+inline float load_value(const float* p, int64_t i) { return p[i]; }
+inline float load_value(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+
+// Copies `n` values from src (element stride `stride`) to dst, squared when asked.
+// Unit stride is the common case (a row of x or grad_out) and vectorises.
+template <typename In>
+FQ_MULTIVERSION void copy_row(const In* src, int64_t stride, int64_t n, bool square, float* dst) {
+  if (stride == 1) {
+    if (square)
+      for (int64_t c = 0; c < n; ++c) { const float v = load_value(src, c); dst[c] = v * v; }
+    else
+      for (int64_t c = 0; c < n; ++c) dst[c] = load_value(src, c);
+  } else {
+    for (int64_t c = 0; c < n; ++c) {
+      const float v = load_value(src, c * stride);
+      dst[c] = square ? v * v : v;
+    }
+  }
+}
+
+// out[p][r][0:width] = src[r * row_stride + (p * width + c) * col_stride] (squared when
+// `square`), for `cols` columns split into panels of `width`, zero padded.
+// Column-major sources (conv's unfolded input viewed as [L, K]) are read down the
+// columns, so that the reads stay contiguous.
+template <typename In>
+void pack(const In* src, int64_t row_stride, int64_t col_stride, int64_t rows, int64_t cols, int64_t width,
+          bool square, float* out) {
+  const bool by_column = col_stride != 1 && row_stride == 1;
+  float column[kTc];
+  for (int64_t p = 0; p * width < cols; ++p) {
+    const int64_t cw = std::min(width, cols - p * width);
+    float* o = out + p * rows * width;
+    if (by_column) {
+      for (int64_t c = 0; c < width; ++c) {
+        if (c < cw) copy_row(src + (p * width + c) * col_stride, 1, rows, square, column);
+        for (int64_t r = 0; r < rows; ++r) o[r * width + c] = c < cw ? column[r] : 0.0f;
+      }
+      continue;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      copy_row(src + r * row_stride + p * width * col_stride, col_stride, cw, square, o + r * width);
+      for (int64_t c = cw; c < width; ++c) o[r * width + c] = 0.0f;
+    }
+  }
+}
+
+// Epilogues on the valid [mb, kb] part of a G block (row stride ldg) into the
+// [M, K] output at row m0, column k0 (row stride ldo): out (+)= G^2 or G.
+template <typename Out>
+FQ_MULTIVERSION void store_block(const float* g, int64_t ldg, Out* out, int64_t ldo, int64_t mb, int64_t kb,
+                                 bool square, bool add) {
+  for (int64_t r = 0; r < mb; ++r) {
+    const float* gr = g + r * ldg;
+    Out* o = out + r * ldo;
+    for (int64_t c = 0; c < kb; ++c) {
+      const Out v = square ? static_cast<Out>(gr[c]) * static_cast<Out>(gr[c]) : static_cast<Out>(gr[c]);
+      o[c] = add ? o[c] + v : v;
+    }
+  }
+}
+
+FQ_MULTIVERSION double block_sq_sum(const float* g, int64_t ldg, int64_t mb, int64_t kb) {
+  double total = 0.0;
+  for (int64_t r = 0; r < mb; ++r) {
+    float row = 0.0f;
+    for (int64_t c = 0; c < kb; ++c) row += g[r * ldg + c] * g[r * ldg + c];
+    total += row;
+  }
+  return total;
+}
+
+void store_output(const float* g, int64_t ldg, void* out, bool f64, int64_t ldo, int64_t m0, int64_t k0,
+                  int64_t mb, int64_t kb, bool square, bool add) {
+  if (f64)
+    store_block(g, ldg, static_cast<double*>(out) + m0 * ldo + k0, ldo, mb, kb, square, add);
+  else
+    store_block(g, ldg, static_cast<float*>(out) + m0 * ldo + k0, ldo, mb, kb, square, add);
+}
+
+struct Workspace {
+  std::vector<float> dpack = std::vector<float>(kMb * kTc);
+  std::vector<float> xpack = std::vector<float>(kKb * kTc);
+  std::vector<float> g = std::vector<float>(kMb * kKb);
+};
+
+// G block of rows [r_begin, r_end) of the reduction: rows are tokens of one sample
+// (d/x point at the sample) or, with T == 1, samples (d/x point at sample 0).
+template <typename In>
+void accumulate_rows(Microkernel micro, Workspace& w, const In* d, int64_t d_row, int64_t d_col, const In* x,
+                     int64_t x_row, int64_t x_col, int64_t rows, int64_t mb, int64_t kb, bool square) {
+  if (rows == 0) std::fill(w.g.begin(), w.g.end(), 0.0f);
+  for (int64_t r0 = 0; r0 < rows; r0 += kTc) {
+    const int64_t rc = std::min(kTc, rows - r0);
+    pack(d + r0 * d_row, d_row, d_col, rc, mb, MR, square, w.dpack.data());
+    pack(x + r0 * x_row, x_row, x_col, rc, kb, NR, square, w.xpack.data());
+    for (int64_t i = 0; i * MR < mb; ++i)
+      for (int64_t j = 0; j * NR < kb; ++j)
+        micro(rc, w.dpack.data() + i * rc * MR, w.xpack.data() + j * rc * NR, w.g.data() + i * MR * kKb + j * NR,
+              kKb, r0 > 0);
+  }
+}
+
+template <typename In>
+void run(const FisherArgs& a) {
+  const In* x = static_cast<const In*>(a.x);
+  const In* d = static_cast<const In*>(a.d);
+  const Microkernel micro = pick_microkernel();
+  const int64_t mblocks = (a.m + kMb - 1) / kMb, kblocks = (a.k + kKb - 1) / kKb;
+  const int threads = omp_get_max_threads();
+  const bool per_token = a.t != 1;
+  // Per-thread partial squared norms: no atomics, and each thread sums in a fixed order.
+  std::vector<double> partial(a.sq_norms && per_token ? static_cast<size_t>(threads) * a.n : 0, 0.0);
+
+  // Samples are the outer loop and output blocks the inner one, so each sample's X_n
+  // and D_n are read from memory once and then reused from cache by every block.
+  // Each thread owns a fixed range of blocks: no two threads write one block, so no
+  // barrier per sample is needed (barriers stall when other processes share the cores).
+#pragma omp parallel
+  {
+    Workspace w;
+    double* sq = partial.empty() ? nullptr : partial.data() + static_cast<size_t>(omp_get_thread_num()) * a.n;
+    auto store = [&](int64_t m0, int64_t k0, int64_t mb, int64_t kb, bool square, bool f_add, bool g_add,
+                     bool fisher, bool grad) {
+      if (fisher && a.fisher)
+        store_output(w.g.data(), kKb, a.fisher, a.fisher_f64, a.k, m0, k0, mb, kb, square, a.fisher_accumulate || f_add);
+      if (grad && a.grad_weight)
+        store_output(w.g.data(), kKb, a.grad_weight, a.grad_f64, a.k, m0, k0, mb, kb, false, a.grad_accumulate || g_add);
+    };
+    if (per_token) {
+      const int64_t blocks = mblocks * kblocks, nth = omp_get_num_threads(), tid = omp_get_thread_num();
+      const int64_t b_begin = blocks * tid / nth, b_end = blocks * (tid + 1) / nth;
+      for (int64_t n = 0; n < std::max<int64_t>(a.n, 1); ++n) {
+        for (int64_t b = b_begin; b < b_end; ++b) {
+          const int64_t m0 = b / kblocks * kMb, k0 = b % kblocks * kKb;
+          const int64_t mb = std::min(kMb, a.m - m0), kb = std::min(kKb, a.k - k0);
+          if (a.n == 0) {  // nothing to sum: still define the written outputs (as zeros)
+            std::fill(w.g.begin(), w.g.end(), 0.0f);
+            store(m0, k0, mb, kb, false, false, false, true, true);
+            continue;
+          }
+          accumulate_rows(micro, w, d + n * a.ds_n + m0 * a.ds_m, a.ds_t, a.ds_m, x + n * a.xs_n + k0 * a.xs_k,
+                          a.xs_t, a.xs_k, a.t, mb, kb, false);
+          store(m0, k0, mb, kb, true, n > 0, n > 0, true, true);
+          if (sq) sq[n] += block_sq_sum(w.g.data(), kKb, mb, kb);
+        }
+      }
+    } else {
+#pragma omp for collapse(2) schedule(dynamic)
+      for (int64_t bi = 0; bi < mblocks; ++bi) {
+        for (int64_t bj = 0; bj < kblocks; ++bj) {
+          const int64_t m0 = bi * kMb, k0 = bj * kKb;
+          const int64_t mb = std::min(kMb, a.m - m0), kb = std::min(kKb, a.k - k0);
+          // One chunk of kTc samples per pass, stored in the output's dtype, so that
+          // float64 outputs accumulate the sum over samples in double here too.
+          for (int64_t r0 = 0; r0 < std::max<int64_t>(a.n, 1); r0 += kTc) {
+            const int64_t rc = std::min(kTc, a.n - r0);
+            const In* db = d + r0 * a.ds_n + m0 * a.ds_m;
+            const In* xb = x + r0 * a.xs_n + k0 * a.xs_k;
+            if (a.fisher) {
+              accumulate_rows(micro, w, db, a.ds_n, a.ds_m, xb, a.xs_n, a.xs_k, rc, mb, kb, true);
+              store(m0, k0, mb, kb, false, r0 > 0, false, true, false);
+            }
+            if (a.grad_weight) {
+              accumulate_rows(micro, w, db, a.ds_n, a.ds_m, xb, a.xs_n, a.xs_k, rc, mb, kb, false);
+              store(m0, k0, mb, kb, false, false, r0 > 0, false, true);
+            }
+          }
+        }
+      }
+    }
+  }
+
+  if (!a.sq_norms) return;
+  // With T == 1, ||d_n x_n^T||^2 = ||d_n||^2 ||x_n||^2.
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < a.n; ++n) {
+    double v = 0.0;
+    if (per_token) {
+      for (int th = 0; th < threads; ++th) v += partial[static_cast<size_t>(th) * a.n + n];
+    } else {
+      double dd = 0.0, xx = 0.0;
+      for (int64_t i = 0; i < a.m; ++i) { const double e = load_value(d + n * a.ds_n, i * a.ds_m); dd += e * e; }
+      for (int64_t i = 0; i < a.k; ++i) { const double e = load_value(x + n * a.xs_n, i * a.xs_k); xx += e * e; }
+      v = dd * xx;
+    }
+    if (a.sq_f64) static_cast<double*>(a.sq_norms)[n] = v;
+    else static_cast<float*>(a.sq_norms)[n] = static_cast<float>(v);
+  }
+}
+
+}  // namespace
+
+void per_sample_fisher(const FisherArgs& a) {
+  if (a.bf16) run<uint16_t>(a);
+  else run<float>(a);
+}
+
+}  // namespace fq::cpu
