@@ -77,12 +77,15 @@ def plot_groups(results, path):
 def write_method_report(results, out_dir):
     """Writes results.json, report.md, layers.png and groups.png into ``out_dir``."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(out_dir / "results.json", json.dumps(results, indent=2, default=float))
     plot_layers(results, out_dir / "layers.png")
     plot_groups(results, out_dir / "groups.png")
     cfg = results["config"]
-    text = (f"# Fisher-aware quantization: demo report\n\ncritical set: **{cfg['critical']}**; weight budget "
-            f"{cfg['budget_avg_bits']} average bits (activations 8 bit; first conv and heads 8 bit); QAT "
+    text = (f"# Fisher-aware quantization: demo report\n\ncritical set: **{cfg['critical']}**; weight budget: the size of "
+            f"uniform {cfg['budget_avg_bits']}-bit weights with the first conv and heads at 8 bit "
+            f"({results.get('budget_avg_bits_all_layers', float('nan')):.2f} bits per weight overall), activations "
+            f"8 bit; QAT "
             f"{cfg['qat_steps']} steps from the Fisher-critical allocation; Fisher over {cfg['fisher_images']} "
             f"training images; seed {cfg['seed']}; {results.get('seconds', 0):.0f} s.\n\n"
             f"{method_table(results)}\n\nAP in percent. ![layers](layers.png) ![groups](groups.png)\n")

@@ -32,8 +32,10 @@ def build_parser():
 
 
 def main(argv=None):
+    from fqdetr.cli._common import apply_config
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = apply_config(parser, parser.parse_args(argv), argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,7 +1,7 @@
 """``fqdetr demo``: the main job on the built-in dataset and the shipped DETR."""
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "detr_tiny_builtin.pth"
+from fqdetr.cli._common import DEFAULT_MODEL
 
 
 def add_parser(subparsers):

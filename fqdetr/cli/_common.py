@@ -1,0 +1,86 @@
+"""Arguments and set-up shared by the method's sub-commands (fisher, allocate, ptq, qat)."""
+import json
+import os
+from pathlib import Path
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "detr_tiny_builtin.pth"
+
+
+def add_common(p, data=True):
+    """--config, --model, --out and (with ``data``) the dataset arguments."""
+    p.add_argument("--config", metavar="FILE", help="JSON or YAML file of defaults for these options "
+                                                    "(keys are the option names with '_'); flags override it")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="DETR checkpoint (default: the shipped one)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder for the outputs")
+    if data:
+        g = p.add_argument_group("data")
+        g.add_argument("--data", default="data/builtin", help="COCO-layout dataset folder; the built-in "
+                                                              "dataset is generated there when missing")
+        g.add_argument("--image-size", type=int, default=128, help="shorter image side (default 128)")
+        g.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+        g.add_argument("--eval-images", type=int, default=200,
+                       help="val images (and as many training images) evaluated (default 200)")
+        g.add_argument("--critical", default="person",
+                       help="critical set: a supercategory, a category name, or names joined by '+'")
+    p.set_defaults(_parser=p)
+
+
+def load_config_file(path):
+    """A dict of option defaults from JSON or YAML (safe loader only)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except (OSError, ValueError, Exception) as err:
+        raise SystemExit(f"--config: cannot read {path}: {err}")
+    if not isinstance(data, dict):
+        raise SystemExit(f"--config: {path} must hold a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def apply_config(parser, args, argv):
+    """Re-parses ``argv`` with the --config file's values as defaults (flags still win)."""
+    if not getattr(args, "config", None):
+        return args
+    values = load_config_file(args.config)
+    unknown = sorted(set(values) - set(vars(args)))
+    if unknown:
+        raise SystemExit(f"--config: unknown options {unknown} in {args.config}")
+    args._parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def write_json(obj, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def prepare(args, train_images=400):
+    """(model, datasets, loaders {"val", "train"}, criterion, objectives, S, sets) for a command."""
+    import torch
+
+    from fqdetr.engine.loader import make_loader
+    from fqdetr.engine.setup import critical_setup, load_datasets
+    from fqdetr.models import load_detr_checkpoint
+
+    if not Path(args.model).exists():
+        raise SystemExit(f"--model: {args.model} does not exist")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    model = load_detr_checkpoint(args.model).eval()
+    val_images = args.eval_images
+    data = load_datasets(args.data, args.image_size, max(train_images, val_images), val_images)
+    train_eval = torch.utils.data.Subset(data["train"], range(min(val_images, len(data["train"]))))
+    loaders = {"val": make_loader(data["val"], args.batch_size, shuffle=False),
+               "train": make_loader(train_eval, args.batch_size, shuffle=False)}
+    criterion, objectives, S, sets = critical_setup(model, data["val"], args.critical,
+                                                    alpha=getattr(args, "alpha", 1.0))
+    return model, data, loaders, criterion, objectives, S, sets

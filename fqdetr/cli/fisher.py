@@ -1,0 +1,36 @@
+"""``fqdetr fisher``: per-layer Fisher traces of the overall / critical / mixed objectives."""
+from fqdetr.cli._common import add_common, prepare, write_json
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "fisher", help="per-layer Fisher traces (overall, critical, mix) and a Hutchinson baseline",
+        description="Computes tr(F_l) per quantized layer of a DETR (quantized at --w-bits, Fisher taken through "
+                    "the quantizers) for each --objective over --images training images, with per-image losses "
+                    "(METHOD.md section 2). Writes OUT/fisher.json {objective: {layer: trace}}.")
+    add_common(p)
+    p.add_argument("--objective", nargs="+", default=["overall", "critical"], choices=["overall", "critical", "mix"],
+                   help="objectives (default: overall critical)")
+    p.add_argument("--alpha", type=float, default=1.0, help="mix = alpha * L_all + L_crit (default 1)")
+    p.add_argument("--images", type=int, default=64, help="training images to average over (default 64)")
+    p.add_argument("--w-bits", type=int, default=4, help="weight bits of the model the Fisher is taken on")
+    p.add_argument("--hutchinson", action="store_true", help="also estimate Hessian traces (slow; 'hessian' key)")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    import torch
+
+    from fqdetr.engine.loader import make_loader
+    from fqdetr.engine.quantize import quantize_detr
+    from fqdetr.sensitivity import fisher_traces, hutchinson_traces
+
+    model, data, loaders, criterion, objectives, S, _ = prepare(args, train_images=max(args.images, 400))
+    loader = make_loader(torch.utils.data.Subset(data["train"], range(args.images)), args.batch_size, shuffle=False)
+    qmodel = quantize_detr(model, w_bits=args.w_bits, calib_loader=loader)
+    out = {name: fisher_traces(qmodel, loader, objectives[name]) for name in args.objective}
+    if args.hutchinson:
+        out["hessian"] = hutchinson_traces(qmodel, loader, objectives["overall"])
+    out["_meta"] = {"images": args.images, "critical": args.critical, "critical_labels": S, "w_bits": args.w_bits}
+    print(f"wrote {write_json(out, f'{args.out}/fisher.json')}")
+    return 0

@@ -1,0 +1,55 @@
+"""The method's sub-commands chained on a tiny (untrained) DETR and a few generated images."""
+import json
+
+import pytest
+
+from fqdetr.cli import main
+from fqdetr.models import build_detr, save_detr_checkpoint
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    save_detr_checkpoint(build_detr("tiny", num_classes=16), root / "model.pth")
+    return root
+
+
+def _common(root):
+    return ["--model", str(root / "model.pth"), "--data", str(root / "data"), "--batch-size", "4",
+            "--eval-images", "8"]
+
+
+def test_fisher_allocate_ptq_qat_chain(run_dir, capsys):
+    common = _common(run_dir)
+    assert main(["fisher", *common, "--out", str(run_dir / "f"), "--images", "8"]) == 0
+    traces = json.loads((run_dir / "f" / "fisher.json").read_text())
+    assert set(traces) == {"overall", "critical", "_meta"} and all(v >= 0 for v in traces["critical"].values())
+    assert main(["allocate", "--model", str(run_dir / "model.pth"), "--fisher", str(run_dir / "f/fisher.json"),
+                 "--out", str(run_dir / "a"), "--budget", "4"]) == 0
+    alloc = json.loads((run_dir / "a" / "allocation.json").read_text())
+    assert alloc["class_embed"]["w_bits"] == 8 and set(alloc) == set(traces["critical"])
+    assert main(["ptq", *common, "--out", str(run_dir / "p"), "--allocation", str(run_dir / "a/allocation.json"),
+                 "--calib-batches", "1"]) == 0
+    ptq = json.loads((run_dir / "p" / "ptq.json").read_text())
+    assert 0.0 <= ptq["eval"]["val"]["mAP"] <= 1.0 and (run_dir / "p" / "quantized_codes.pt").exists()
+    config = run_dir / "qat.yaml"
+    config.write_text("steps: 2\nreg_lambda: 0.05\n")
+    assert main(["qat", *common, "--out", str(run_dir / "q"), "--config", str(config)]) == 0
+    qat = json.loads((run_dir / "q" / "qat.json").read_text())
+    assert len(qat["history"]) == 2 and "R" in qat["history"][0] and qat["args"]["reg_lambda"] == 0.05
+
+
+def test_cli_errors_are_clear(run_dir, tmp_path):
+    with pytest.raises(SystemExit, match="smallest feasible"):
+        main(["allocate", "--model", str(run_dir / "model.pth"), "--strategy", "random", "--out", str(tmp_path),
+              "--budget", "1"])
+    with pytest.raises(SystemExit, match="--fisher"):
+        main(["allocate", "--model", str(run_dir / "model.pth"), "--out", str(tmp_path)])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"stepz": 3}')
+    with pytest.raises(SystemExit, match="unknown options"):
+        main(["qat", *_common(run_dir), "--out", str(tmp_path), "--config", str(bad)])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["ptq", "--model", str(tmp_path / "nope.pth"), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="results"):
+        main(["report", str(bad)])

@@ -1,0 +1,45 @@
+"""The main job end to end on the shipped tiny DETR and a few generated images."""
+import json
+
+import torch
+
+from fqdetr.cli.demo import DEFAULT_MODEL
+from fqdetr.engine.demo import run_demo
+from fqdetr.engine.quantize import quantize_detr
+from fqdetr.models import load_detr_checkpoint
+
+METHODS = ["float", "ptq uniform w4a8", "ptq fisher-overall", "ptq fisher-critical", "qat",
+           "qat + fisher-trace reg", "qat + critical up-weighted"]
+
+
+def test_demo_pipeline_on_tiny_data(tmp_path):
+    torch.set_num_threads(2)
+    out = tmp_path / "demo"
+    results = run_demo(out, DEFAULT_MODEL, tmp_path / "data", critical="person", qat_steps=2, fisher_images=8,
+                       eval_images=16, batch_size=4)
+    assert (out / "report.md").exists() and (out / "layers.png").stat().st_size > 0
+    assert (out / "groups.png").stat().st_size > 0
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["methods"]) == METHODS
+    for name, r in saved["methods"].items():
+        for split in ("val", "train"):
+            values = [r[split]["mAP"], *r[split]["critical"].values()]
+            assert all(v is None or 0.0 <= v <= 1.0 for v in values), (name, split)
+    assert set(saved["allocations"]["fisher-critical"]) == set(saved["sizes"])
+    avg = sum(saved["sizes"][n] * b for n, b in saved["allocations"]["fisher-critical"].items()) / \
+        sum(saved["sizes"].values())
+    assert avg <= saved["budget_avg_bits_all_layers"] + 1e-9
+    for name in ("overall", "critical"):
+        assert all(t >= 0 for t in saved["traces"][name].values())
+    report = (out / "report.md").read_text()
+    assert all(f"| {m} |" in report for m in METHODS)
+    # The float model must beat 2-bit uniform PTQ on the same images.
+    from fqdetr.engine.loader import make_loader
+    from fqdetr.engine.setup import evaluate_splits, load_datasets
+
+    data = load_datasets(tmp_path / "data", 128, 400, 16)
+    loaders = {"val": make_loader(data["val"], 4, shuffle=False)}
+    model = load_detr_checkpoint(DEFAULT_MODEL).eval()
+    two_bit = quantize_detr(model, w_bits=2, a_bits=2, calib_loader=loaders["val"], calib_batches=2)
+    float_map = results["methods"]["float"]["val"]["mAP"]
+    assert float_map > evaluate_splits(two_bit, loaders, {"person": "person"})["val"]["mAP"]
