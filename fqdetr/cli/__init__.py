@@ -10,7 +10,7 @@ import logging
 import sys
 
 # Sub-command modules, in the order ``--help`` lists them.
-COMMANDS = ["data", "train", "eval", "fisher", "allocate", "ptq", "qat", "report", "demo"]
+COMMANDS = ["data", "train", "eval", "fisher", "allocate", "ptq", "qat", "report", "demo", "reproduce"]
 
 
 def build_parser():
