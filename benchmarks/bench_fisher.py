@@ -8,7 +8,8 @@ over samples, against the baselines a user would pick, in the same run:
   backpack    BackPACK SumGradSquared (no nn.MultiheadAttention support)
   opacus      Opacus GradSampleModule grad_sample, squared and summed
 Kernel-level rows for the linear layers: the plain weight-gradient matmul over all
-tokens, a Python loop of per-sample torch.mm + square-accumulate, and our kernel alone.
+tokens, a Python loop of per-sample torch.mm + square-accumulate, and our op alone
+(as shipped, and with the C++ tiles forced for long samples).
 
 Run: make bench (or .venv/bin/python -m pytest benchmarks/bench_fisher.py). Peak memory:
 benchmarks/fisher_memory.py (one process per case). Compare rows of one group only.
@@ -20,7 +21,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import fqkernels as fk
-from fqkernels.fisher import linear_with_fisher
+from fqkernels import fisher as fisher_ops
+from fqkernels import linear_with_fisher
 
 
 class EncoderLayer(nn.Module):
@@ -44,9 +46,10 @@ class EncoderLayer(nn.Module):
         k = linear_with_fisher(q_in, w[d:2 * d], b[d:2 * d], fs["in_proj"][d:2 * d], batch_dim=1)
         v = linear_with_fisher(v_in, w[2 * d:], b[2 * d:], fs["in_proj"][2 * d:], batch_dim=1)
         t, n = q.shape[:2]
-        heads = lambda z: z.reshape(t, n * h, d // h).transpose(0, 1)  # noqa: E731  (MHA's layout)
+        # [N, heads, T, d/heads], as nn.MultiheadAttention calls it (4-D: CPU flash attention)
+        heads = lambda z: z.view(t, n, h, d // h).permute(1, 2, 0, 3)  # noqa: E731
         o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
-        o = o.transpose(0, 1).reshape(t, n, d)
+        o = o.permute(2, 0, 1, 3).reshape(t, n, d)
         return linear_with_fisher(o, a.out_proj.weight, a.out_proj.bias, fs["out_proj"], batch_dim=1)
 
     def forward(self, src, pos):
@@ -176,18 +179,23 @@ def test_fisher_fwd_bwd(benchmark, case, method):
 KERNEL_SHAPES = {"(32,100,256)->256": (32, 100, 256, 256), "(32,850,256)->2048": (32, 850, 256, 2048)}
 
 
-@pytest.mark.parametrize("impl", ["weight-grad mm", "per-sample mm loop", "ours kernel", "ours kernel + dW"])
+@pytest.mark.parametrize("impl", ["weight-grad mm", "per-sample mm loop", "ours", "ours + dW", "ours C++ tiles only"])
 @pytest.mark.parametrize("shape", list(KERNEL_SHAPES))
-def test_fisher_kernel(benchmark, shape, impl):
+def test_fisher_kernel(benchmark, monkeypatch, shape, impl):
+    """"ours" is the cpu backend as shipped (C++ tiles, or per-sample GEMMs for samples of
+    >= MM_LOOP_MIN_T tokens); "C++ tiles only" lifts that threshold."""
     benchmark.group = f"fisher kernel {shape}"
+    if impl == "ours C++ tiles only":
+        monkeypatch.setattr(fisher_ops, "MM_LOOP_MIN_T", 1 << 62)
     n, t, k, m = KERNEL_SHAPES[shape]
     x, d = torch.randn(n, t, k), torch.randn(n, t, m)
     gw = torch.empty(m, k)
     fns = {
         "weight-grad mm": lambda: torch.mm(d.reshape(-1, m).t(), x.reshape(-1, k)),
         "per-sample mm loop": lambda: per_sample_mm_loop(x, d),
-        "ours kernel": lambda: fk.per_sample_fisher(x, d),
-        "ours kernel + dW": lambda: fk.per_sample_fisher(x, d, grad_weight=gw),
+        "ours": lambda: fk.per_sample_fisher(x, d),
+        "ours + dW": lambda: fk.per_sample_fisher(x, d, grad_weight=gw),
+        "ours C++ tiles only": lambda: fk.per_sample_fisher(x, d),
     }
     benchmark.pedantic(fns[impl], rounds=5, iterations=1, warmup_rounds=1)
 

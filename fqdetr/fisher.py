@@ -178,6 +178,12 @@ class FisherCollector:
 
     def merge(self, other):
         """Adds another collector's (or a loaded state's) sums and counts, e.g. from other processes."""
+        missing, extra = sorted(set(self.sums) - set(other.sums)), sorted(set(other.sums) - set(self.sums))
+        shapes = [f"{n}: {list(other.sums[n].shape)} vs {list(s.shape)}" for n, s in self.sums.items()
+                  if n in other.sums and other.sums[n].shape != s.shape]
+        if missing or extra or shapes:
+            raise ValueError(f"merge: the other Fisher state is of another model (layers missing {missing[:8]}, "
+                             f"unexpected {extra[:8]}, shape mismatches {shapes[:8]})")
         for n in self.sums:
             self.sums[n] += other.sums[n].to(self.sums[n].device, self.dtype)
             self.counts[n] += other.counts[n]
@@ -207,6 +213,12 @@ class FisherCollector:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise ValueError(f"{path}: not a readable Fisher state ({err})") from err
+        if not (isinstance(state, dict) and isinstance(state.get("sums"), dict) and state["sums"]
+                and isinstance(state.get("counts"), dict) and set(state["sums"]) == set(state["counts"])
+                and all(isinstance(v, torch.Tensor) for v in state["sums"].values())):
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{path}: not a Fisher state (expected 'sums' and 'counts' per layer, "
+                             f"as FisherCollector.save writes; found {keys})")
         return _LoadedFisher(state["sums"], state["counts"])
 
 

@@ -13,11 +13,12 @@ from fqkernels import reference
 from fqkernels.backends import available_backends, backend_for
 from fqkernels.composite import differentiable
 from fqkernels.fake_quant import fake_quant, lsq_grad_factor
-from fqkernels.fisher import conv2d_per_sample_fisher, per_sample_fisher, per_sample_sq_norms
+from fqkernels.fisher import conv2d_per_sample_fisher, linear_with_fisher, per_sample_fisher, per_sample_sq_norms
 from fqkernels.quant_linear import quant_linear
 from fqkernels.quant_matmul import quant_matmul
 
 __all__ = [
-    "available_backends", "backend_for", "conv2d_per_sample_fisher", "differentiable", "fake_quant", "lsq_grad_factor", "per_sample_fisher",
-    "per_sample_sq_norms", "quant_linear", "quant_matmul", "reference",
+    "available_backends", "backend_for", "conv2d_per_sample_fisher", "differentiable", "fake_quant",
+    "linear_with_fisher", "lsq_grad_factor", "per_sample_fisher", "per_sample_sq_norms", "quant_linear",
+    "quant_matmul", "reference",
 ]

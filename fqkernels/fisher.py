@@ -35,6 +35,33 @@ class _Reference:
             sq_norms.copy_(reference.per_sample_sq_norms(x, grad_out, batch_dim, sq_norms.dtype))
 
 
+# CPU samples with at least this many tokens go through torch's GEMM one sample at a
+# time (a weight-sized G buffer, then square-accumulate): for long samples MKL's per-sample
+# GEMM beats the C++ tiles (benchmarks/RESULTS.md, "per-sample Fisher (CPU)"), while for
+# short ones (T ~ 100, DETR's decoder) and T = 1 the tiles win by skipping per-sample calls.
+MM_LOOP_MIN_T = 512
+
+
+def _mm_loop(x, grad_out, batch_dim, fisher, grad_weight, sq_norms, accumulate_fisher):
+    """Per-sample torch.mm into one [M, K] buffer; each sample's G is squared into the
+    Fisher, added into dW and reduced to its norm before the next overwrites it."""
+    xs, ds = reference._samples(x, grad_out, batch_dim)
+    xs, ds = xs.float(), ds.float()
+    g = torch.empty(ds.shape[-1], xs.shape[-1], dtype=torch.float32, device=x.device)
+    if fisher is not None and not accumulate_fisher:
+        fisher.zero_()
+    if grad_weight is not None:
+        grad_weight.zero_()
+    for n in range(xs.shape[0]):
+        torch.mm(ds[n].t(), xs[n], out=g)
+        if fisher is not None:
+            fisher.addcmul_(g, g) if fisher.dtype == torch.float32 else fisher.add_(g.to(fisher.dtype).square())
+        if grad_weight is not None:
+            grad_weight.add_(g)
+        if sq_norms is not None:
+            sq_norms[n] = torch.dot(g.view(-1), g.view(-1))
+
+
 class _Compiled:
     """fqkernels._cpu / fqkernels._cuda: one pass producing every requested output.
     The CPU kernel reads float32 and bfloat16 directly; other dtypes are converted."""
@@ -43,6 +70,8 @@ class _Compiled:
         self.device = device
 
     def compute(self, x, grad_out, batch_dim, fisher, grad_weight, sq_norms, accumulate_fisher):
+        if self.device == "cpu" and x.dim() == 3 and x.shape[1 - batch_dim] >= MM_LOOP_MIN_T:
+            return _mm_loop(x, grad_out, batch_dim, fisher, grad_weight, sq_norms, accumulate_fisher)
         native = (torch.float32, torch.bfloat16) if self.device == "cpu" else (torch.float32,)
         if x.dtype not in native or grad_out.dtype != x.dtype:
             x, grad_out = x.float(), grad_out.float()
@@ -179,9 +208,10 @@ def conv2d_per_sample_fisher(x, grad_out, weight_shape, stride=1, padding=0, dil
     per-sample-summed loss w.r.t. its output. The unfolded input of a conv is X_n
     [Ho*Wo, C/groups*kh*kw] per group, so this is the linear kernel on unfolded chunks:
     at most ``chunk_bytes`` of unfolded input exist at a time. Samples whose own unfolded
-    input exceeds that are done in bands of output rows, with G_n = sum over bands of
-    D^T X accumulated in a weight-sized buffer and squared once (such per-sample GEMMs
-    are long enough for torch's GEMM to run at full speed).
+    input exceeds that (large feature maps: T = Ho*Wo in the tens of thousands) take
+    G_n from torch's convolution weight-gradient kernel, which never unfolds, one sample
+    at a time into a weight-sized buffer, squared once: with such long samples the
+    per-sample call costs nothing next to its work.
     ``out``: optional float32/float64 buffer of weight_shape that the result is added into.
     """
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
@@ -206,19 +236,12 @@ def conv2d_per_sample_fisher(x, grad_out, weight_shape, stride=1, padding=0, dil
                 per_sample_fisher(cols[:, g].transpose(1, 2), d[:, g].transpose(1, 2), out=per_group[g],
                                   backend=backend)
         return fisher
-    (sh, _), (ph, pw), (dh, _) = stride, padding, dilation
-    rows = max(1, chunk_bytes // (groups * kg * wo * x.element_size()))
-    g_n = torch.empty(groups, og, kg, dtype=torch.float32, device=x.device)
+    # Large samples: G_n by the convolution's own weight-gradient kernel (implicit im2col,
+    # nothing unfolded), one sample at a time into a weight-sized buffer, then squared.
     for i in range(n):
-        g_n.zero_()
-        xp = torch.nn.functional.pad(x[i:i + 1].float(), (pw, pw, ph, ph))
-        for r0 in range(0, ho, rows):
-            r1 = min(ho, r0 + rows)
-            band = xp[:, :, r0 * sh:(r1 - 1) * sh + dh * (kh - 1) + 1]
-            cols = torch.nn.functional.unfold(band, (kh, kw), dilation, 0, stride).view(groups, kg, -1)
-            d = grad_out[i, :, r0:r1].float().reshape(groups, og, -1)
-            g_n.baddbmm_(d, cols.transpose(1, 2))
-        per_group.add_(g_n.to(fisher.dtype).square())
+        g_n = torch.nn.grad.conv2d_weight(x[i:i + 1].float(), weight_shape, grad_out[i:i + 1].float(), stride,
+                                          padding, dilation, groups)
+        fisher.addcmul_(g_n, g_n) if fisher.dtype == torch.float32 else fisher.add_(g_n.to(fisher.dtype).square())
     return fisher
 
 
@@ -247,6 +270,11 @@ def linear_with_fisher(x, weight, bias, fisher, batch_dim=0, backend=None):
     float32/float64) in the same kernel pass that produces dW: the float-layer
     counterpart of ``quant_linear(..., fisher=...)``. x: [N, T, in] / [T, N, in]
     (``batch_dim``) or [N, in]."""
-    _check(x, x.new_empty(*x.shape[:-1], weight.shape[0]), batch_dim, fisher.dtype)
+    checks.check_tensor(weight, "weight", dim=2)
+    if x.shape[-1:] != weight.shape[1:]:
+        raise ValueError(f"x: expected last dimension {weight.shape[1]} (weight is {list(weight.shape)}), "
+                         f"got shape {list(x.shape)}")
+    # grad_out will have x's leading dims: check x's layout against a shape-only stand-in.
+    _check(x, x.new_empty(()).expand(*x.shape[:-1], weight.shape[0]), batch_dim, torch.float32)
     _check_out(fisher, "fisher", tuple(weight.shape), x)
     return _LinearWithFisher.apply(x, weight, bias, fisher, batch_dim, backend)

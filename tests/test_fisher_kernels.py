@@ -160,8 +160,8 @@ CONVS = [(3, 4, 6, 9, 11, 3, 1, 1, 1, 1), (2, 6, 4, 10, 7, 3, 2, 0, 2, 2), (4, 3
 @pytest.mark.parametrize("cfg", CONVS)
 @pytest.mark.parametrize("chunk_bytes", [1 << 30, 3000, 64])
 def test_conv2d_against_torch_func(backend, cfg, chunk_bytes):
-    """Large budget: all samples unfolded at once; 3000 bytes: one sample per chunk or row
-    bands; 64 bytes: one output row per band."""
+    """Large budget: all samples unfolded at once; 3000 bytes: one sample per chunk, or
+    the per-sample weight-gradient path for the larger maps; 64 bytes: always the latter."""
     n, c, o, h, w, k, s, p, dil, groups = cfg
     device = DEVICE.get(backend, "cpu")
     conv = torch.nn.Conv2d(c, o, k, s, p, dil, groups, bias=False)
@@ -232,3 +232,50 @@ def test_registered_backends_and_quant_linear_contract():
     x, d = torch.randn(3, 4, 5), torch.randn(3, 4, 6)
     f = fisher_ops.per_sample_fisher(x, d, batch_dim=0, dtype=torch.float64)
     assert f.dtype == torch.float64 and rel_err(f, linear_oracle(x, d)[0]) < RTOL
+
+
+@pytest.mark.skipif("cpu" not in AVAILABLE, reason="fqkernels._cpu is not built")
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_cpu_fallback_microkernels(monkeypatch, isa):
+    """The AVX2 and portable microkernels (picked on machines without AVX-512) give the
+    same results; FQ_FISHER_ISA caps the run-time choice."""
+    monkeypatch.setenv("FQ_FISHER_ISA", isa)
+    for t in (1, 13):
+        x, d = torch.randn(5, t, 70), torch.randn(5, t, 41)
+        f = fk.per_sample_fisher(x, d, backend="cpu")
+        assert rel_err(f, linear_oracle(x, d)[0]) < RTOL
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "triton"])
+@pytest.mark.parametrize("layout", ["batch0", "seq", "2d"])
+def test_linear_with_fisher_backward(backend, layout):
+    """linear_with_fisher: x, weight and bias gradients as nn.Linear's, and the Fisher of
+    the weight from the same backward (dW comes from the kernel's pass)."""
+    device = DEVICE.get(backend, "cpu")
+    x, d, xi, di, bd = make_inputs(4, 1 if layout == "2d" else 6, 33, 17, layout, device)
+    lin = torch.nn.Linear(33, 17).to(device)
+    fisher = torch.zeros(17, 33, device=device)
+    xa, xb = xi.clone().requires_grad_(), xi.clone().requires_grad_()
+    (fk.linear_with_fisher(xa, lin.weight, lin.bias, fisher, bd, backend=backend) * di).sum().backward()
+    ours = (xa.grad, lin.weight.grad.clone(), lin.bias.grad.clone())
+    lin.zero_grad()
+    (lin(xb) * di).sum().backward()
+    for a, b in zip(ours, (xb.grad, lin.weight.grad, lin.bias.grad)):
+        assert rel_err(a, b) < RTOL
+    assert rel_err(fisher, linear_oracle(x, d)[0]) < RTOL
+
+
+@pytest.mark.skipif("cpu" not in AVAILABLE, reason="fqkernels._cpu is not built")
+@pytest.mark.parametrize("layout", ["batch0", "seq"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_long_samples_use_per_sample_gemm(monkeypatch, layout, dtype):
+    """Samples of >= MM_LOOP_MIN_T tokens take the per-sample torch.mm path (lowered here
+    so that small shapes reach it): same results, poisoned outputs fully written."""
+    monkeypatch.setattr(fisher_ops, "MM_LOOP_MIN_T", 4)
+    x, d, xi, di, bd = make_inputs(3, 9, 33, 20, layout)
+    f_ref, g_ref, sq_ref = linear_oracle(x, d)
+    f, g, sq = (torch.full(s, float("nan"), dtype=dtype) for s in ((20, 33), (20, 33), (3,)))
+    backends.impl("per_sample_fisher", "cpu").compute(xi, di, bd, f, g, sq, False)
+    assert rel_err(f, f_ref) < RTOL and rel_err(g, g_ref) < RTOL and rel_err(sq, sq_ref) < RTOL
+    backends.impl("per_sample_fisher", "cpu").compute(xi, di, bd, f, None, None, True)
+    assert rel_err(f, 2 * f_ref) < RTOL

@@ -1,8 +1,8 @@
 // CPU per-sample Fisher, tiled so that per-sample gradients never exist in memory.
 //
-// The output [M, K] is cut into blocks of kMb x kKb; OpenMP hands out blocks. For
-// its block a thread loops over samples; for each sample it packs chunks of kTc
-// token rows of D_n[:, block] and X_n[:, block] into zero-padded panels (this is
+// The output [M, K] is cut into blocks of kMb x kKb, each OpenMP thread owning a
+// fixed range of blocks. Threads loop over samples; for each sample and block a
+// thread packs chunks of kTc token rows of D_n[:, block] and X_n[:, block] into zero-padded panels (this is
 // where strides, layouts and bfloat16 are resolved, so the microkernel only sees
 // contiguous float panels), accumulates G = D_n^T X_n for the block with a
 // register-blocked MR x NR microkernel, and then squares G into the Fisher block
@@ -22,6 +22,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "fq/quant_math.h"
@@ -31,8 +33,8 @@ namespace {
 
 constexpr int64_t MR = 8;    // microtile rows (output features m)
 constexpr int64_t NR = 32;   // microtile columns (input features k): two AVX-512 vectors
-constexpr int64_t kMb = 64;  // block of m per task: a D panel chunk stays in L1
-constexpr int64_t kKb = 128; // block of k per task
+constexpr int64_t kMb = 64;  // block of m per task (a [kTc, MR] D panel, 8 KiB, stays in L1)
+constexpr int64_t kKb = 128; // block of k per task (packing costs ~1/kMb + 1/kKb of the FMAs)
 constexpr int64_t kTc = 256; // packed rows (tokens, or samples when T == 1) per chunk
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -115,10 +117,14 @@ void micro_generic(int64_t rows, const float* dp, const float* xp, float* g, int
     for (int j = 0; j < NR; ++j) g[r * ldg + j] = c[r][j];
 }
 
+// FQ_FISHER_ISA=avx2|generic caps the choice (so tests cover every microkernel on one machine).
 Microkernel pick_microkernel() {
+  const char* cap = std::getenv("FQ_FISHER_ISA");
+  const std::string isa = cap ? cap : "";
+  if (isa == "generic") return micro_generic;
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return micro_avx512;
+  if (isa != "avx2" && __builtin_cpu_supports("avx512f")) return micro_avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return micro_avx2;
 #endif
   return micro_generic;
@@ -209,8 +215,8 @@ struct Workspace {
   std::vector<float> g = std::vector<float>(kMb * kKb);
 };
 
-// G block of rows [r_begin, r_end) of the reduction: rows are tokens of one sample
-// (d/x point at the sample) or, with T == 1, samples (d/x point at sample 0).
+// w.g = sum over `rows` reduction rows of D^T X for one block: the rows are the tokens
+// of one sample (d/x point at that sample) or, with T == 1, samples (squared).
 template <typename In>
 void accumulate_rows(Microkernel micro, Workspace& w, const In* d, int64_t d_row, int64_t d_col, const In* x,
                      int64_t x_row, int64_t x_col, int64_t rows, int64_t mb, int64_t kb, bool square) {
@@ -247,10 +253,11 @@ void run(const FisherArgs& a) {
     double* sq = partial.empty() ? nullptr : partial.data() + static_cast<size_t>(omp_get_thread_num()) * a.n;
     auto store = [&](int64_t m0, int64_t k0, int64_t mb, int64_t kb, bool square, bool f_add, bool g_add,
                      bool fisher, bool grad) {
+      const float* g = w.g.data();
       if (fisher && a.fisher)
-        store_output(w.g.data(), kKb, a.fisher, a.fisher_f64, a.k, m0, k0, mb, kb, square, a.fisher_accumulate || f_add);
+        store_output(g, kKb, a.fisher, a.fisher_f64, a.k, m0, k0, mb, kb, square, a.fisher_accumulate || f_add);
       if (grad && a.grad_weight)
-        store_output(w.g.data(), kKb, a.grad_weight, a.grad_f64, a.k, m0, k0, mb, kb, false, a.grad_accumulate || g_add);
+        store_output(g, kKb, a.grad_weight, a.grad_f64, a.k, m0, k0, mb, kb, false, a.grad_accumulate || g_add);
     };
     if (per_token) {
       const int64_t blocks = mblocks * kblocks, nth = omp_get_num_threads(), tid = omp_get_thread_num();

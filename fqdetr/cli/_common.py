@@ -43,6 +43,19 @@ def load_config_file(path):
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+def read_json_option(path, option):
+    """The JSON object in file ``path`` given to ``option`` (e.g. "--allocation"); a clear
+    SystemExit naming both when it is missing, unreadable or not a JSON object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:  # missing, a directory, not UTF-8, invalid JSON
+        raise SystemExit(f"{option}: cannot read {path} as JSON: {err}")
+    if not isinstance(data, dict):
+        raise SystemExit(f"{option}: {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
 def apply_config(parser, args, argv):
     """Re-parses ``argv`` with the --config file's values as defaults (flags still win)."""
     if not getattr(args, "config", None):

@@ -1,5 +1,5 @@
 """``fqdetr allocate``: mixed-precision bit allocation by integer linear programming."""
-from fqdetr.cli._common import add_common, write_json
+from fqdetr.cli._common import add_common, read_json_option, write_json
 
 
 def add_parser(subparsers):
@@ -39,8 +39,6 @@ def run(args):
 
 
 def _allocate(args, weights, sizes, bounds, budget, candidates):
-    import json
-
     from fqdetr.allocate import allocate_bits, random_sensitivity, sensitivities, uniform_allocation
 
     if args.strategy == "uniform":
@@ -51,7 +49,7 @@ def _allocate(args, weights, sizes, bounds, budget, candidates):
         if not args.fisher:
             raise SystemExit(f"--fisher: needed by the {args.strategy} strategy")
         key = "hessian" if args.strategy == "hessian" else args.objective
-        traces = json.loads(open(args.fisher).read()).get(key)
+        traces = read_json_option(args.fisher, "--fisher").get(key)
         if traces is None:
             raise SystemExit(f"--fisher: {args.fisher} has no '{key}' traces")
         sens = sensitivities(weights, traces, candidates)

@@ -1,5 +1,5 @@
 """``fqdetr ptq``: post-training quantization (calibrate, apply bits, evaluate, export)."""
-from fqdetr.cli._common import add_common, prepare, write_json
+from fqdetr.cli._common import add_common, prepare, read_json_option, write_json
 
 
 def add_parser(subparsers):
@@ -19,15 +19,13 @@ def add_parser(subparsers):
 
 
 def run(args):
-    import json
-
     from fqdetr.engine.checkpoint import atomic_torch_save
     from fqdetr.engine.quantize import quantize_detr
     from fqdetr.engine.setup import evaluate_splits
     from fqdetr.quant import calibrate, save_quantized
 
     model, data, loaders, _, _, _, sets = prepare(args)
-    allocation = json.loads(open(args.allocation).read()) if args.allocation else None
+    allocation = read_json_option(args.allocation, "--allocation") if args.allocation else None
     qmodel = quantize_detr(model, allocation=allocation, w_bits=args.w_bits, a_bits=args.a_bits)
     calibrate(qmodel, ((im, m) for im, m, _ in loaders["train"]), method=args.calibration,
               num_batches=args.calib_batches)

@@ -1,5 +1,5 @@
 """``fqdetr qat``: quantization-aware training, optionally Fisher-trace regularised."""
-from fqdetr.cli._common import add_common, prepare, write_json
+from fqdetr.cli._common import add_common, prepare, read_json_option, write_json
 
 
 def add_parser(subparsers):
@@ -23,8 +23,6 @@ def add_parser(subparsers):
 
 
 def run(args):
-    import json
-
     import torch
 
     from fqdetr.engine.checkpoint import atomic_torch_save
@@ -35,7 +33,7 @@ def run(args):
 
     torch.manual_seed(args.seed)
     model, data, loaders, criterion, objectives, S, sets = prepare(args)
-    allocation = json.loads(open(args.allocation).read()) if args.allocation else None
+    allocation = read_json_option(args.allocation, "--allocation") if args.allocation else None
     qmodel = quantize_detr(model, allocation=allocation, w_bits=args.w_bits, calib_loader=loaders["train"])
     if args.upweight != 1.0:
         criterion = upweighted_criterion(criterion, S, args.upweight)

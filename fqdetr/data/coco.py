@@ -113,14 +113,31 @@ def load_coco(ann):
     return coco
 
 
+def _to_rgb(img, path):
+    """8-bit RGB from any PIL mode. 16/32-bit integer images (16-bit PNG/TIFF: modes I;16*,
+    I) are scaled from 0..65535 to 0..255; PIL's own conversion would clip them, turning
+    most pixels white. Floating-point images have no agreed range and are refused."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img).astype(np.float64)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise ValueError(f"cannot read image {path}: {img.mode} values outside 0..65535 "
+                             f"(min {arr.min():g}, max {arr.max():g})")
+        return Image.fromarray(np.rint(arr / 257.0).astype(np.uint8)).convert("RGB")  # 2-D uint8: mode L
+    if img.mode == "F":
+        raise ValueError(f"cannot read image {path}: floating-point image (mode F) has no defined "
+                         f"intensity range; convert it to 8- or 16-bit first")
+    return img.convert("RGB")
+
+
 def load_image(path):
-    """Open ``path`` as an RGB PIL image (grey, palette, RGBA... are converted)."""
+    """Open ``path`` as an 8-bit RGB PIL image (grey, palette, RGBA, CMYK, 16-bit... are
+    converted; see _to_rgb)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return _to_rgb(img, path)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
 

@@ -1,7 +1,10 @@
 """Quantizing a DETR for the method: its default config, applying a bit allocation,
 calibration on a loader, and the layer sizes / weights the allocation needs."""
+import numbers
+
 import torch
 
+import fqkernels as fk
 from fqdetr.quant import QuantConfig, calibrate, quantize_model, quantized_modules, quantized_weights
 
 # METHOD.md section 5: the first convolution and the prediction heads stay at 8 bits.
@@ -31,12 +34,16 @@ def layer_weights(model):
 def apply_allocation(model, allocation):
     """Sets each layer's weight bits ({layer: bits} or {layer: {"w_bits": b}}) and re-derives
     its weight scale from the weights at the new bit-width."""
+    if not isinstance(allocation, dict):
+        raise ValueError(f"allocation: expected a mapping {{layer: bits}}, got {type(allocation).__name__}")
     weights = quantized_weights(model)
     unknown = set(allocation) - set(weights)
     if unknown:
         raise ValueError(f"allocation: unknown layers {sorted(unknown)}")
     for name, bits in allocation.items():
-        bits = bits["w_bits"] if isinstance(bits, dict) else bits
+        bits = bits.get("w_bits") if isinstance(bits, dict) else bits
+        bits = int(bits) if isinstance(bits, numbers.Integral) and not isinstance(bits, bool) else bits
+        fk.checks.check_bits(bits, f"allocation[{name!r}]")  # numpy ints pass, 4.5 / "4" / 12 do not
         weight, quantizer = weights[name]
         quantizer.bits = int(bits)
         quantizer.init_from(weight)

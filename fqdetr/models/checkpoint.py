@@ -33,7 +33,7 @@ def read_checkpoint(path) -> Dict[str, Any]:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, KeyError, UnpicklingError, EOFError...
         raise ValueError(f"cannot read checkpoint {path}: truncated, corrupt or not a torch "
-                         f"checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+                         f"checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from e
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict")
     return dict(ckpt)

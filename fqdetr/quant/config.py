@@ -66,6 +66,12 @@ class QuantConfig(LayerQuantConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if not isinstance(self.layers, dict):
+            raise ValueError(f"layers: expected a mapping {{name or glob: {{field: value}}}}, "
+                             f"got {type(self.layers).__name__}")
+        if isinstance(self.skip, str) or not isinstance(self.skip, (list, tuple)) or \
+                not all(isinstance(p, str) for p in self.skip):
+            raise ValueError(f"skip: expected a list of layer names or globs, got {self.skip!r}")
         for pattern, override in self.layers.items():
             if not isinstance(override, dict):
                 raise ValueError(f"layers[{pattern!r}]: expected a dict of fields, got {type(override).__name__}")
@@ -118,7 +124,11 @@ class QuantConfig(LayerQuantConfig):
     def load(cls, path):
         """Reads a JSON or YAML (safe loader) config file."""
         path = Path(path)
-        text = path.read_text()
+        kind = "YAML" if path.suffix in (".yaml", ".yml") else "JSON"
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not a valid {kind} quantization config (not UTF-8 text: {err})") from err
         try:
             if path.suffix in (".yaml", ".yml"):
                 import yaml
@@ -127,6 +137,8 @@ class QuantConfig(LayerQuantConfig):
             else:
                 data = json.loads(text)
         except Exception as err:  # json.JSONDecodeError, yaml.YAMLError
-            raise ValueError(f"{path}: not a valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} "
-                             f"quantization config ({err})") from err
-        return cls.from_dict(data)
+            raise ValueError(f"{path}: not a valid {kind} quantization config ({err})") from err
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: {err}") from err

@@ -1,0 +1,250 @@
+"""DETR training loop: AdamW with DETR's parameter groups, StepLR, gradient clipping,
+progress bars, JSON-lines logs, atomic checkpoints and exact resume.
+
+Files under ``out_dir``:
+- ``checkpoint.pth``: latest full training state (resume from it);
+- ``best.pth``: model-only checkpoint (``load_detr_checkpoint``) of the best val mAP;
+- ``log.jsonl``: one JSON object per logged step and per epoch.
+"""
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from fqdetr.engine.checkpoint import load_training_checkpoint, save_training_checkpoint
+from fqdetr.engine.evaluate import evaluate_model
+from fqdetr.models import save_detr_checkpoint, weighted_loss
+
+log = logging.getLogger(__name__)
+
+
+def param_groups(model: nn.Module, lr: float, lr_backbone: float) -> list:
+    """DETR's two groups: trainable parameters outside the backbone at ``lr``, those
+    whose name contains "backbone" at ``lr_backbone``."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    main = [p for n, p in named if "backbone" not in n]
+    backbone = [p for n, p in named if "backbone" in n]
+    groups = [{"params": main, "lr": lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": lr_backbone})
+    return groups
+
+
+def build_optimizer(model: nn.Module, lr: float = 1e-4, lr_backbone: float = 1e-5,
+                    weight_decay: float = 1e-4) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, lr, lr_backbone), lr=lr, weight_decay=weight_decay)
+
+
+def build_scheduler(optimizer, lr_drop: int, gamma: float = 0.1):
+    """StepLR: every lr multiplied by ``gamma`` after each ``lr_drop`` epochs."""
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, int(lr_drop)), gamma=gamma)
+
+
+def _to_device(images, mask, targets, device):
+    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    return images.to(device), mask.to(device), targets
+
+
+def train_step(model, criterion, batch, optimizer, clip_max_norm: float, device) -> Dict[str, float]:
+    """One optimizer step on ``batch`` = (images, mask, targets). Returns the weighted
+    loss ("loss"), each loss term and the gradient norm before clipping."""
+    images, mask, targets = _to_device(*batch, device)
+    loss_dict = criterion(model((images, mask)), targets)
+    loss = weighted_loss(loss_dict, criterion.weight_dict)
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"loss is {loss.item()}: {({k: v.item() for k, v in loss_dict.items()})}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    max_norm = clip_max_norm if clip_max_norm and clip_max_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    out = {"loss": loss.item(), "grad_norm": float(grad_norm)}
+    # final-layer terms only; the auxiliary ones end in "_<layer>"
+    out.update({k: v.item() for k, v in loss_dict.items() if not k.rsplit("_", 1)[-1].isdigit()})
+    return out
+
+
+class _Logger:
+    """Appends JSON lines to out_dir/log.jsonl."""
+
+    def __init__(self, out_dir: Optional[str]):
+        self.path = os.path.join(out_dir, "log.jsonl") if out_dir else None
+
+    def __call__(self, record: Mapping[str, Any]) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _mean(records: Sequence[Mapping[str, float]]) -> Dict[str, float]:
+    keys = records[0].keys() if records else ()
+    return {k: sum(r[k] for r in records) / len(records) for k in keys}
+
+
+def train_detr(model: nn.Module, criterion: nn.Module, train_loader, val_loader=None, *,
+               epochs: int, lr: float = 1e-4, lr_backbone: float = 1e-5, weight_decay: float = 1e-4,
+               lr_drop: Optional[int] = None, clip_max_norm: float = 0.1, out_dir: Optional[str] = None,
+               eval_every: int = 1, resume: Optional[str] = None, max_steps: Optional[int] = None,
+               checkpoint_every: Optional[int] = None, log_every: int = 20, device="cpu",
+               progress: bool = True, checkpoint_extra: Optional[Mapping] = None,
+               critical_sets=None, on_epoch_end: Optional[Callable[[Dict], None]] = None) -> Dict[str, Any]:
+    """Train ``model`` with DETR's recipe; returns {"step", "epoch", "losses" (per step),
+    "epochs" (per-epoch summaries), "best" (best val result or None)}.
+
+    lr / lr_backbone / weight_decay: AdamW (backbone group at lr_backbone); lr_drop:
+    StepLR period in epochs (default: 2/3 of ``epochs``, or the resumed checkpoint's); clip_max_norm: gradient
+    clipping (0 = off). out_dir: checkpoint.pth after every epoch and every
+    ``checkpoint_every`` steps, best.pth on the best val mAP, log.jsonl. resume: a
+    checkpoint.pth to continue from (model, optimizer, scheduler, RNG, position in
+    the epoch). max_steps: stop after this many optimizer steps in total (a
+    checkpoint is written there). val_loader: evaluated every ``eval_every`` epochs
+    and after the last (its dataset must be a CocoDetection, possibly a Subset).
+    checkpoint_extra: plain data stored in every checkpoint (e.g. the categories).
+    """
+    model.to(device)
+    criterion.to(device)
+    optimizer = build_optimizer(model, lr, lr_backbone, weight_decay)
+    scheduler = build_scheduler(optimizer, lr_drop or max(1, (2 * epochs) // 3))
+    state = {"epoch": 0, "step": 0, "epoch_step": 0, "best": None}
+    if resume:
+        ckpt = load_training_checkpoint(resume, model, optimizer, scheduler)
+        if lr_drop:  # an explicit period replaces the checkpoint's
+            scheduler.step_size = max(1, int(lr_drop))
+        state.update(epoch=ckpt["epoch"], step=ckpt["step"], epoch_step=ckpt["epoch_step"],
+                     best=ckpt.get("best"))
+        log.info("resumed from %s at epoch %d, step %d (%d into the epoch)", resume,
+                 state["epoch"], state["step"], state["epoch_step"])
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    ctx = _Context(model, criterion, optimizer, scheduler, train_loader, val_loader, out_dir,
+                   clip_max_norm, device, progress, log_every, checkpoint_every, max_steps,
+                   checkpoint_extra, critical_sets, _Logger(out_dir))
+    history = {"losses": [], "epochs": []}
+    while state["epoch"] < epochs and not ctx.done(state):
+        summary = _run_epoch(ctx, state, history)
+        if summary is None:  # stopped by max_steps inside the epoch
+            break
+        last = state["epoch"] == epochs
+        if val_loader is not None and (last or state["epoch"] % max(1, eval_every) == 0):
+            _validate(ctx, state, summary)
+        history["epochs"].append(summary)
+        ctx.logger(summary)
+        ctx.save(state)
+        if on_epoch_end:
+            on_epoch_end(summary)
+    return {"step": state["step"], "epoch": state["epoch"], "best": state["best"], **history}
+
+
+@dataclass
+class _Context:
+    """What the epoch loop needs besides the progress state."""
+
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: Any
+    scheduler: Any
+    train_loader: Any
+    val_loader: Any
+    out_dir: Optional[str]
+    clip_max_norm: float
+    device: Any
+    progress: bool
+    log_every: int
+    checkpoint_every: Optional[int]
+    max_steps: Optional[int]
+    extra: Optional[Mapping]
+    critical_sets: Any
+    logger: Callable[[Mapping], None]
+
+    def done(self, state) -> bool:
+        return self.max_steps is not None and state["step"] >= self.max_steps
+
+    def save(self, state) -> None:
+        if not self.out_dir:
+            return
+        extra = dict(self.extra or {}, best=state["best"])
+        save_training_checkpoint(os.path.join(self.out_dir, "checkpoint.pth"), self.model,
+                                 self.optimizer, self.scheduler, epoch=state["epoch"],
+                                 step=state["step"], epoch_step=state["epoch_step"], extra=extra)
+
+
+def _set_epoch(loader, epoch: int, start_batch: int) -> None:
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        try:
+            sampler.set_epoch(epoch, start_batch * loader.batch_size)
+        except TypeError:  # e.g. DistributedSampler.set_epoch(epoch)
+            if start_batch:
+                raise ValueError("mid-epoch resume needs fqdetr.engine.make_loader's sampler")
+            sampler.set_epoch(epoch)
+    elif start_batch:
+        raise ValueError("mid-epoch resume needs a loader made by fqdetr.engine.make_loader")
+
+
+def _run_epoch(ctx: _Context, state: Dict, history: Dict) -> Optional[Dict]:
+    """Train the rest of epoch state["epoch"]; returns its summary, or None when
+    max_steps stopped it midway (a checkpoint is then written)."""
+    ctx.model.train()
+    ctx.criterion.train()
+    epoch, start = state["epoch"], state["epoch_step"]
+    _set_epoch(ctx.train_loader, epoch, start)
+    lr = ctx.optimizer.param_groups[0]["lr"]
+    records, t0 = [], time.perf_counter()
+    bar = tqdm(ctx.train_loader, desc=f"epoch {epoch}", disable=not ctx.progress, leave=False,
+               dynamic_ncols=True)
+    for batch in bar:
+        rec = train_step(ctx.model, ctx.criterion, batch, ctx.optimizer, ctx.clip_max_norm, ctx.device)
+        state["step"] += 1
+        state["epoch_step"] += 1
+        records.append(rec)
+        history["losses"].append(rec["loss"])
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.1e}")
+        if ctx.log_every and state["step"] % ctx.log_every == 0:
+            ctx.logger({"type": "step", "epoch": epoch, "step": state["step"], "lr": lr, **rec})
+        if ctx.done(state):
+            ctx.save(state)
+            bar.close()
+            return None
+        if ctx.checkpoint_every and state["step"] % ctx.checkpoint_every == 0:
+            ctx.save(state)
+    bar.close()
+    with warnings.catch_warnings():  # a run resumed at the very end of an epoch steps no batch
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+        ctx.scheduler.step()
+    state["epoch"], state["epoch_step"] = epoch + 1, 0
+    summary = {"type": "epoch", "epoch": epoch, "step": state["step"], "lr": lr,
+               "time_s": round(time.perf_counter() - t0, 2), **_mean(records)}
+    log.info("epoch %d: loss %.4f (ce %.4f, bbox %.4f, giou %.4f) lr %.1e, %.1f s", epoch,
+             summary.get("loss", float("nan")), summary.get("loss_ce", float("nan")),
+             summary.get("loss_bbox", float("nan")), summary.get("loss_giou", float("nan")),
+             lr, summary["time_s"])
+    return summary
+
+
+def _validate(ctx: _Context, state: Dict, summary: Dict) -> None:
+    """Evaluate on the val loader, record AP in ``summary`` and keep best.pth."""
+    t0 = time.perf_counter()
+    result = evaluate_model(ctx.model, ctx.val_loader, device=ctx.device, progress=ctx.progress,
+                            critical_sets=ctx.critical_sets)["result"]
+    overall = result["overall"]
+    summary.update(val_AP=overall["AP"], val_AP50=overall["AP50"], val_AP75=overall["AP75"],
+                   val_time_s=round(time.perf_counter() - t0, 2))
+    log.info("epoch %d: val mAP %.4f AP50 %.4f AP75 %.4f", state["epoch"] - 1, overall["AP"],
+             overall["AP50"], overall["AP75"])
+    best = state["best"]
+    if best is None or overall["AP"] > best["AP"]:
+        state["best"] = {"epoch": state["epoch"] - 1, "step": state["step"], "AP": overall["AP"],
+                         "AP50": overall["AP50"], "AP75": overall["AP75"]}
+        if ctx.out_dir:
+            save_detr_checkpoint(ctx.model, os.path.join(ctx.out_dir, "best.pth"),
+                                 extra=dict(ctx.extra or {}, val=state["best"]))
+    ctx.model.train()
