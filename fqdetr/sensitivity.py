@@ -1,8 +1,11 @@
 """Per-layer sensitivity of a (quantized) DETR: Fisher traces of the overall, critical
 and mixed objectives (METHOD.md sections 2-3), and a Hutchinson Hessian-trace baseline.
 
-Objectives are per-image: f(outputs, targets) -> [B] losses whose sum is the batch
-loss with a fixed normaliser, as per-sample Fisher needs.
+Objectives are per-image: f(outputs, targets) -> [B] losses, each image's loss as if it
+were alone in its batch, as per-sample Fisher needs. The traces then depend on batching
+only through the zero padding the convolutional backbone sees when images of different
+sizes share a batch (as in DETR itself); batch size 1 makes them exactly batch-invariant.
+Under torchrun every process takes a shard of the images and the sums are all-reduced.
 """
 import logging
 
@@ -10,7 +13,8 @@ import torch
 from tqdm import tqdm
 
 import fqkernels as fk
-from fqdetr.critical import CriticalLoss
+from fqdetr.critical import CriticalLoss, critical_transform
+from fqdetr.engine.distributed import all_reduce_fisher
 from fqdetr.fisher import FisherCollector
 from fqdetr.models.criterion import weighted_loss
 from fqdetr.quant import quantized_weights
@@ -19,6 +23,26 @@ log = logging.getLogger(__name__)
 
 # DETR's transformer and heads see sequence-first (or [layers, B, Q, d]) inputs: samples on dim 1.
 DETR_BATCH_DIMS = {"transformer.*": 1, "class_embed": 1, "bbox_embed.*": 1}
+
+
+def _image(outputs, i):
+    """Image i of a DETR output dict (aux outputs included), as a batch of one."""
+    one = {k: v[i:i + 1] for k, v in outputs.items() if k != "aux_outputs"}
+    if "aux_outputs" in outputs:
+        one["aux_outputs"] = [{k: v[i:i + 1] for k, v in a.items()} for a in outputs["aux_outputs"]]
+    return one
+
+
+def per_image(criterion, outputs, targets):
+    """[B] losses, each image's DETR loss as if it were alone in its batch (CE averaged over its
+    own queries, box terms over its own objects). Unlike DETR's batch normaliser this does not
+    depend on which images share a batch or a process, so Fisher traces are the same for any
+    batching and under torchrun."""
+    losses = []
+    for i, t in enumerate(targets):
+        terms = criterion(_image(outputs, i), [t], num_boxes=max(float(len(t["labels"])), 1.0))
+        losses.append(weighted_loss(terms, criterion.weight_dict))
+    return torch.stack(losses)
 
 
 def detr_objectives(criterion, make_criterion, critical_labels, alpha=1.0, mode="lse"):
@@ -30,13 +54,11 @@ def detr_objectives(criterion, make_criterion, critical_labels, alpha=1.0, mode=
     crit = CriticalLoss(critical_labels, criterion.num_classes, make_criterion, mode)
 
     def overall(outputs, targets):
-        return weighted_loss(criterion(outputs, targets, reduction="per_image"), criterion.weight_dict)
+        return per_image(criterion, outputs, targets)
 
     def critical(outputs, targets):
-        # The same fixed normaliser as the overall loss (the batch's object count).
-        n = criterion.batch_num_boxes(targets)
-        return weighted_loss(crit(outputs, targets, reduction="per_image", num_boxes=n),
-                             crit.criterion.weight_dict)
+        t_outputs, t_targets = critical_transform(outputs, targets, crit.S, crit.mode)
+        return per_image(crit.criterion, t_outputs, t_targets)
 
     return {"overall": overall, "critical": critical,
             "mix": lambda o, t: alpha * overall(o, t) + critical(o, t)}
@@ -58,6 +80,7 @@ def fisher_traces(model, loader, objective, num_batches=None, progress=True):
                                           disable=not progress, leave=False):
             model.zero_grad(set_to_none=True)
             fc.backward(objective(model((images, mask)), targets))
+    all_reduce_fisher(fc)  # under torchrun: every process gets the sums over all images
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     log.info("Fisher traces over %d images for %d layers", fc.num_samples, len(fc.sums))

@@ -68,6 +68,17 @@ def apply_config(parser, args, argv):
     return parser.parse_args(argv)
 
 
+def sharded_loader(dataset, batch_size, shuffle, seed=0, pad=True):
+    """DataLoader over this process's shard of ``dataset`` (all of it without torchrun)."""
+    from torch.utils.data import DataLoader
+
+    from fqdetr.data import collate_fn
+    from fqdetr.engine.distributed import distributed_sampler
+
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn,
+                      sampler=distributed_sampler(dataset, shuffle=shuffle, seed=seed, pad=pad))
+
+
 def write_json(obj, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """``fqdetr fisher``: per-layer Fisher traces of the overall / critical / mixed objectives."""
-from fqdetr.cli._common import add_common, prepare, write_json
+from fqdetr.cli._common import add_common, prepare, sharded_loader, write_json
 
 
 def add_parser(subparsers):
@@ -7,7 +7,8 @@ def add_parser(subparsers):
         "fisher", help="per-layer Fisher traces (overall, critical, mix) and a Hutchinson baseline",
         description="Computes tr(F_l) per quantized layer of a DETR (quantized at --w-bits, Fisher taken through "
                     "the quantizers) for each --objective over --images training images, with per-image losses "
-                    "(METHOD.md section 2). Writes OUT/fisher.json {objective: {layer: trace}}.")
+                    "(METHOD.md section 2). Writes OUT/fisher.json {objective: {layer: trace}}. Under torchrun "
+                    "each process takes a shard of the images and the sums are all-reduced (gloo/nccl).")
     add_common(p)
     p.add_argument("--objective", nargs="+", default=["overall", "critical"], choices=["overall", "critical", "mix"],
                    help="objectives (default: overall critical)")
@@ -21,16 +22,24 @@ def add_parser(subparsers):
 def run(args):
     import torch
 
+    from fqdetr.engine import distributed as dist
     from fqdetr.engine.loader import make_loader
     from fqdetr.engine.quantize import quantize_detr
     from fqdetr.sensitivity import fisher_traces, hutchinson_traces
 
+    dist.init_distributed()
     model, data, loaders, criterion, objectives, S, _ = prepare(args, train_images=max(args.images, 400))
-    loader = make_loader(torch.utils.data.Subset(data["train"], range(args.images)), args.batch_size, shuffle=False)
-    qmodel = quantize_detr(model, w_bits=args.w_bits, calib_loader=loader)
+    images = torch.utils.data.Subset(data["train"], range(args.images))
+    loader = sharded_loader(images, args.batch_size, shuffle=False, pad=False)  # each image once overall
+    # Calibrate on the same first images everywhere, so every process quantizes identically.
+    qmodel = quantize_detr(model, w_bits=args.w_bits, calib_loader=make_loader(images, args.batch_size,
+                                                                               shuffle=False))
     out = {name: fisher_traces(qmodel, loader, objectives[name]) for name in args.objective}
     if args.hutchinson:
         out["hessian"] = hutchinson_traces(qmodel, loader, objectives["overall"])
-    out["_meta"] = {"images": args.images, "critical": args.critical, "critical_labels": S, "w_bits": args.w_bits}
-    print(f"wrote {write_json(out, f'{args.out}/fisher.json')}")
+    out["_meta"] = {"images": args.images, "critical": args.critical, "critical_labels": S, "w_bits": args.w_bits,
+                    "processes": dist.world_size()}
+    if dist.is_main():
+        print(f"wrote {write_json(out, f'{args.out}/fisher.json')}")
+    dist.cleanup()
     return 0

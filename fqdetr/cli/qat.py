@@ -1,5 +1,5 @@
 """``fqdetr qat``: quantization-aware training, optionally Fisher-trace regularised."""
-from fqdetr.cli._common import add_common, prepare, read_json_option, write_json
+from fqdetr.cli._common import add_common, prepare, sharded_loader, read_json_option, write_json
 
 
 def add_parser(subparsers):
@@ -8,7 +8,8 @@ def add_parser(subparsers):
         description="Trains a quantized DETR (uniform --w-bits or an --allocation) with LSQ for --steps batches. "
                     "--reg-lambda > 0 adds lambda * tr(F_crit) (METHOD.md section 4); --upweight > 1 instead "
                     "multiplies the critical classes' CE weight. Writes OUT/qat_state.pt (model state, atomic) "
-                    "and OUT/qat.json (losses and evaluation).")
+                    "and OUT/qat.json (losses and evaluation). Under torchrun the processes train on shards of the "
+                    "data with gradients averaged each step; rank 0 evaluates and writes.")
     add_common(p)
     p.add_argument("--allocation", metavar="JSON", help="allocation.json (else uniform --w-bits)")
     p.add_argument("--w-bits", type=int, default=4, help="uniform weight bits (default 4)")
@@ -25,23 +26,28 @@ def add_parser(subparsers):
 def run(args):
     import torch
 
+    from fqdetr.engine import distributed as dist
     from fqdetr.engine.checkpoint import atomic_torch_save
-    from fqdetr.engine.loader import make_loader
     from fqdetr.engine.qat import qat, upweighted_criterion
     from fqdetr.engine.quantize import quantize_detr
     from fqdetr.engine.setup import evaluate_splits
 
+    dist.init_distributed()
     torch.manual_seed(args.seed)
     model, data, loaders, criterion, objectives, S, sets = prepare(args)
     allocation = read_json_option(args.allocation, "--allocation") if args.allocation else None
     qmodel = quantize_detr(model, allocation=allocation, w_bits=args.w_bits, calib_loader=loaders["train"])
     if args.upweight != 1.0:
         criterion = upweighted_criterion(criterion, S, args.upweight)
-    history = qat(qmodel, criterion, make_loader(data["train"], args.batch_size, seed=args.seed), args.steps,
-                  lr=args.lr, critical_objective=objectives["critical"], reg_lambda=args.reg_lambda,
-                  reg_estimator=args.reg_estimator, reg_method=args.reg_method)
-    atomic_torch_save(qmodel.state_dict(), f"{args.out}/qat_state.pt")
-    result = {"history": history, "eval": evaluate_splits(qmodel, loaders, sets), "args": {
-        k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"}}
-    print(f"val mAP {result['eval']['val']['mAP']}; wrote {write_json(result, f'{args.out}/qat.json')}")
+    # Under torchrun each process trains on its shard; gradients are averaged every step.
+    train_loader = sharded_loader(data["train"], args.batch_size, shuffle=True, seed=args.seed)
+    history = qat(qmodel, criterion, train_loader, args.steps, lr=args.lr, critical_objective=objectives["critical"],
+                  reg_lambda=args.reg_lambda, reg_estimator=args.reg_estimator, reg_method=args.reg_method,
+                  progress=dist.is_main())
+    if dist.is_main():
+        atomic_torch_save(qmodel.state_dict(), f"{args.out}/qat_state.pt")
+        result = {"history": history, "eval": evaluate_splits(qmodel, loaders, sets), "processes": dist.world_size(),
+                  "args": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"}}
+        print(f"val mAP {result['eval']['val']['mAP']}; wrote {write_json(result, f'{args.out}/qat.json')}")
+    dist.cleanup()
     return 0

@@ -8,6 +8,7 @@ import math
 import torch
 from tqdm import tqdm
 
+from fqdetr.engine.distributed import all_reduce_sum, world_size
 from fqdetr.models.criterion import weighted_loss
 from fqdetr.quant import quantized_weights
 from fqdetr.regularize import FisherTraceRegularizer
@@ -22,6 +23,16 @@ def upweighted_criterion(criterion, critical_labels, factor):
     up = copy.deepcopy(criterion)
     up.empty_weight[torch.tensor(sorted(critical_labels))] = float(factor)
     return up
+
+
+def _average_gradients(params):
+    """Averages gradients over torch.distributed processes (no-op in one process). Done by hand
+    rather than with DDP because the Fisher-trace regulariser differentiates with
+    torch.autograd.grad, which DDP's reducer does not follow."""
+    if world_size() > 1:
+        for p in params:
+            if p.grad is not None:
+                all_reduce_sum(p.grad).div_(world_size())
 
 
 def _cycle(loader):
@@ -64,6 +75,7 @@ def qat(model, criterion, loader, steps, lr=5e-5, critical_objective=None, reg_l
             raise FloatingPointError(f"qat: loss became {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        _average_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
         optimizer.step()
         history.append(record)
