@@ -24,8 +24,8 @@ from fqdetr.sensitivity import fisher_traces
 log = logging.getLogger(__name__)
 
 
-def run_demo(out_dir, model_path, data_dir, critical="person", budget_avg_bits=4.0, qat_steps=60,
-             fisher_images=64, eval_images=200, batch_size=8, reg_lambda=0.05, upweight=3.0, image_size=128,
+def run_demo(out_dir, model_path, data_dir, critical="person", budget_avg_bits=4.0, qat_steps=40,
+             fisher_images=48, eval_images=120, batch_size=8, reg_lambda=0.05, upweight=3.0, image_size=128,
              seed=0):
     """Runs the whole comparison and writes the report; returns the results dict."""
     torch.manual_seed(seed)

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from fqdetr.engine.distributed import all_reduce_sum, world_size
 from fqdetr.models.criterion import weighted_loss
-from fqdetr.quant import quantized_weights
+from fqdetr.quant import Quantizer, quantized_weights
 from fqdetr.regularize import FisherTraceRegularizer
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def _cycle(loader):
 
 
 def qat(model, criterion, loader, steps, lr=5e-5, critical_objective=None, reg_lambda=0.0,
-        reg_estimator="batch", reg_method="exact", clip_max_norm=0.1, progress=True):
+        reg_estimator="batch", reg_method="exact", clip_max_norm=0.1, scale_lr_factor=0.1, progress=True):
     """Trains the quantized ``model`` in place for ``steps`` batches of ``loader``.
 
     critical_objective(outputs, targets) -> per-image critical losses [B]; with reg_lambda > 0
@@ -49,7 +49,15 @@ def qat(model, criterion, loader, steps, lr=5e-5, critical_objective=None, reg_l
     [{"loss", "R"}].
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    scales = [q.scale for q in model.modules() if isinstance(q, Quantizer) and q.scale.requires_grad]
+    scale_ids = {id(p) for p in scales}
+    # Step sizes: no weight decay and a 10x smaller learning rate, because Adam's steps have the
+    # size of the learning rate whatever the parameter's magnitude, and weight step sizes can be
+    # ~1e-5; each is also kept above 1e-3 of its starting value, so it can never reach zero.
+    optimizer = torch.optim.AdamW([
+        {"params": [p for p in params if id(p) not in scale_ids], "weight_decay": 1e-4},
+        {"params": scales, "weight_decay": 0.0, "lr": lr * scale_lr_factor}], lr=lr)
+    floors = [p.detach().abs() * 1e-3 for p in scales]
     reg = None
     if reg_lambda > 0:
         if critical_objective is None:
@@ -58,6 +66,9 @@ def qat(model, criterion, loader, steps, lr=5e-5, critical_objective=None, reg_l
         reg = FisherTraceRegularizer(weights, reg_estimator, reg_method, quantizers=quantizers)
     history = []
     model.train()
+    for m in model.modules():  # frozen BatchNorm statistics: batch statistics would couple the images
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
     batches = _cycle(loader)
     for _ in tqdm(range(steps), desc="qat" + (" +R" if reg else ""), disable=not progress, leave=False):
         images, mask, targets = next(batches)
@@ -78,6 +89,9 @@ def qat(model, criterion, loader, steps, lr=5e-5, critical_objective=None, reg_l
         _average_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
         optimizer.step()
+        with torch.no_grad():
+            for p, floor in zip(scales, floors):
+                torch.maximum(p, floor, out=p)
         history.append(record)
     model.eval()
     return history

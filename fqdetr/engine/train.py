@@ -10,6 +10,8 @@ import json
 import logging
 import math
 import os
+import re
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -199,8 +201,9 @@ def _run_epoch(ctx: _Context, state: Dict, history: Dict) -> Optional[Dict]:
     _set_epoch(ctx.train_loader, epoch, start)
     lr = ctx.optimizer.param_groups[0]["lr"]
     records, t0 = [], time.perf_counter()
+    # Redrawn every 30 s only when stderr is a log file rather than a terminal.
     bar = tqdm(ctx.train_loader, desc=f"epoch {epoch}", disable=not ctx.progress, leave=False,
-               dynamic_ncols=True)
+               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)
     for batch in bar:
         rec = train_step(ctx.model, ctx.criterion, batch, ctx.optimizer, ctx.clip_max_norm, ctx.device)
         state["step"] += 1
@@ -218,7 +221,7 @@ def _run_epoch(ctx: _Context, state: Dict, history: Dict) -> Optional[Dict]:
             ctx.save(state)
     bar.close()
     with warnings.catch_warnings():  # a run resumed at the very end of an epoch steps no batch
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
         ctx.scheduler.step()
     state["epoch"], state["epoch_step"] = epoch + 1, 0
     summary = {"type": "epoch", "epoch": epoch, "step": state["step"], "lr": lr,
