@@ -9,7 +9,7 @@ over samples, against the baselines a user would pick, in the same run:
   opacus      Opacus GradSampleModule grad_sample, squared and summed
 Kernel-level rows for the linear layers: the plain weight-gradient matmul over all
 tokens, a Python loop of per-sample torch.mm + square-accumulate, and our op alone
-(as shipped, and with the C++ tiles forced for long samples).
+(as shipped: C++ tiles; and the optional per-sample-GEMM hybrid for long samples).
 
 Run: make bench (or .venv/bin/python -m pytest benchmarks/bench_fisher.py). Peak memory:
 benchmarks/fisher_memory.py (one process per case). Compare rows of one group only.
@@ -179,14 +179,15 @@ def test_fisher_fwd_bwd(benchmark, case, method):
 KERNEL_SHAPES = {"(32,100,256)->256": (32, 100, 256, 256), "(32,850,256)->2048": (32, 850, 256, 2048)}
 
 
-@pytest.mark.parametrize("impl", ["weight-grad mm", "per-sample mm loop", "ours", "ours + dW", "ours C++ tiles only"])
+@pytest.mark.parametrize("impl",
+                         ["weight-grad mm", "per-sample mm loop", "ours", "ours + dW", "ours hybrid T>=512"])
 @pytest.mark.parametrize("shape", list(KERNEL_SHAPES))
 def test_fisher_kernel(benchmark, monkeypatch, shape, impl):
-    """"ours" is the cpu backend as shipped (C++ tiles, or per-sample GEMMs for samples of
-    >= MM_LOOP_MIN_T tokens); "C++ tiles only" lifts that threshold."""
+    """"ours" is the cpu backend as shipped (C++ tiles); "hybrid" sends samples of >= 512
+    tokens through per-sample torch.mm instead (fqkernels.fisher.MM_LOOP_MIN_T)."""
     benchmark.group = f"fisher kernel {shape}"
-    if impl == "ours C++ tiles only":
-        monkeypatch.setattr(fisher_ops, "MM_LOOP_MIN_T", 1 << 62)
+    if impl == "ours hybrid T>=512":
+        monkeypatch.setattr(fisher_ops, "MM_LOOP_MIN_T", 512)
     n, t, k, m = KERNEL_SHAPES[shape]
     x, d = torch.randn(n, t, k), torch.randn(n, t, m)
     gw = torch.empty(m, k)
@@ -195,7 +196,7 @@ def test_fisher_kernel(benchmark, monkeypatch, shape, impl):
         "per-sample mm loop": lambda: per_sample_mm_loop(x, d),
         "ours": lambda: fk.per_sample_fisher(x, d),
         "ours + dW": lambda: fk.per_sample_fisher(x, d, grad_weight=gw),
-        "ours C++ tiles only": lambda: fk.per_sample_fisher(x, d),
+        "ours hybrid T>=512": lambda: fk.per_sample_fisher(x, d),
     }
     benchmark.pedantic(fns[impl], rounds=5, iterations=1, warmup_rounds=1)
 

@@ -35,11 +35,14 @@ class _Reference:
             sq_norms.copy_(reference.per_sample_sq_norms(x, grad_out, batch_dim, sq_norms.dtype))
 
 
-# CPU samples with at least this many tokens go through torch's GEMM one sample at a
-# time (a weight-sized G buffer, then square-accumulate): for long samples MKL's per-sample
-# GEMM beats the C++ tiles (benchmarks/RESULTS.md, "per-sample Fisher (CPU)"), while for
-# short ones (T ~ 100, DETR's decoder) and T = 1 the tiles win by skipping per-sample calls.
-MM_LOOP_MIN_T = 512
+# Optional hybrid for the cpu backend: samples of at least MM_LOOP_MIN_T tokens go
+# through torch's GEMM one sample at a time (a weight-sized G buffer, then
+# square-accumulate). Off (None) by default: on a quiet 2-core machine MKL's per-sample
+# GEMMs beat the C++ tiles by 10-25% for T = 850, but with other processes on the cores
+# they lose 1.5-3x (every call is an OpenMP region with its own barriers), while the tiles
+# stay within ~1.3-1.4x of the plain weight-gradient matmul either way
+# (benchmarks/RESULTS.md, "per-sample Fisher (CPU)"). Set e.g. 512 on a dedicated machine.
+MM_LOOP_MIN_T = None
 
 
 def _mm_loop(x, grad_out, batch_dim, fisher, grad_weight, sq_norms, accumulate_fisher):
@@ -70,7 +73,8 @@ class _Compiled:
         self.device = device
 
     def compute(self, x, grad_out, batch_dim, fisher, grad_weight, sq_norms, accumulate_fisher):
-        if self.device == "cpu" and x.dim() == 3 and x.shape[1 - batch_dim] >= MM_LOOP_MIN_T:
+        long_samples = MM_LOOP_MIN_T is not None and x.dim() == 3 and x.shape[1 - batch_dim] >= MM_LOOP_MIN_T
+        if self.device == "cpu" and long_samples:
             return _mm_loop(x, grad_out, batch_dim, fisher, grad_weight, sq_norms, accumulate_fisher)
         native = (torch.float32, torch.bfloat16) if self.device == "cpu" else (torch.float32,)
         if x.dtype not in native or grad_out.dtype != x.dtype:
