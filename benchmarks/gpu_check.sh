@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# GPU check (to be merged by the lead into the full script): builds fqkernels._cuda,
-# runs the GPU tests and prints a short benchmark table.  Usage: bash benchmarks/gpu_check.sh
+# GPU check for a lent GPU machine (no network there): builds fqkernels._cuda, runs every
+# GPU test (cuda backend and compiled Triton against the references) and prints short
+# benchmark tables for quant_linear and per-sample Fisher.  Usage: bash benchmarks/gpu_check.sh
+# Takes a few minutes on an H100; record its output in benchmarks/RESULTS.md with the card.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 
-# ---- section: quant_linear / quant_matmul (issue 3) ----
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 FQ_BUILD_CUDA=1 $PY -m pip install -q --no-build-isolation --no-deps -e .
 # GPU tests: the cuda backend vs the reference (and triton compiled, not interpreted).
-TRITON_INTERPRET=0 $PY -m pytest -q tests/test_quant_linear.py tests/test_quant_matmul.py
+TRITON_INTERPRET=0 $PY -m pytest -q -x tests/test_fake_quant.py tests/test_quant_linear.py \
+    tests/test_quant_matmul.py tests/test_fisher_kernels.py
+
+# ---- quant_linear: ms per call ----
 $PY - <<'PYEOF'
 import torch, torch.nn.functional as F
 import fqkernels as fk
@@ -46,4 +51,26 @@ for tokens, k, n in [(1700, 256, 2048), (6800, 256, 2048), (6800, 256, 256)]:
         train = (lambda fn=fn: fn().backward(g)) if name != "bf16 cuBLAS" else None
         fb = ms(train, 20) if train else float("nan")
         print(f"{tokens}x{k}->{n:>6} {name:>12} {fwd:8.3f} {fb:11.3f}")
+PYEOF
+
+# ---- per-sample Fisher: kernel alone vs the plain weight-gradient matmul ----
+$PY - <<'PYEOF'
+import torch
+import fqkernels as fk
+
+def ms(fn, n=20):
+    fn(); torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record(); torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+print(f"{'N,T,K->M':>18} {'dW mm ms':>9} {'cuda x':>7} {'triton x':>9}")
+for n, t, k, m in [(32, 100, 256, 256), (32, 850, 256, 2048), (8, 850, 2048, 256)]:
+    x, g = torch.randn(n, t, k, device="cuda"), torch.randn(n, t, m, device="cuda")
+    base = ms(lambda: g.reshape(-1, m).t() @ x.reshape(-1, k))
+    ratios = [ms(lambda be=be: fk.per_sample_fisher(x, g, backend=be)) / base for be in ("cuda", "triton")]
+    print(f"{f'{n},{t},{k}->{m}':>18} {base:9.3f} {ratios[0]:7.2f} {ratios[1]:9.2f}")
 PYEOF

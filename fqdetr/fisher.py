@@ -22,7 +22,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fqkernels as fk
@@ -35,21 +34,6 @@ _LAYERS = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
 
 def _weight_of(module):
     return module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
-
-
-def conv2d_fisher(module, x, grad_out):
-    """sum_n (D_n^T U_n)^2 for a Conv2d, U_n the unfolded input of image n, one image at a time
-    so the unfolded batch is never held. x [N, C, H, W], grad_out [N, O, H', W'] -> like weight."""
-    g, out_c = module.groups, module.out_channels
-    acc = torch.zeros(module.weight.shape, dtype=torch.float32, device=x.device)
-    flat = acc.view(out_c, -1)
-    for n in range(x.shape[0]):
-        cols = F.unfold(x[n:n + 1], module.kernel_size, module.dilation, module.padding, module.stride)[0]
-        d = grad_out[n].reshape(out_c, -1)
-        cols = cols.view(g, -1, cols.shape[-1])  # [groups, C/g * k * k, L]
-        d = d.view(g, out_c // g, -1)  # [groups, O/g, L]
-        flat += torch.bmm(d.float(), cols.float().transpose(1, 2)).reshape(out_c, -1).square()
-    return acc
 
 
 class FisherCollector:
@@ -147,9 +131,9 @@ class FisherCollector:
             with torch.no_grad():
                 xq = module.input_quantizer(x) if module.input_quantizer is not None else x
             mask = reference.ste_mask(module.weight.detach(), wq.scale.detach(), wq.bits, True, axis=0)
-            self.sums[name] += (mask * conv2d_fisher(module, xq, grad_out)).to(self.dtype)
+            self.sums[name] += mask * _conv_fisher(module, xq, grad_out, self.dtype)
         elif isinstance(module, nn.Conv2d):
-            self.sums[name] += conv2d_fisher(module, x, grad_out).to(self.dtype)
+            _conv_fisher(module, x, grad_out, self.dtype, out=self.sums[name])
         else:
             self.sums[name] += fk.per_sample_fisher(samples_first(x, bd), samples_first(grad_out, bd),
                                                     dtype=self.dtype)
@@ -225,3 +209,9 @@ class FisherCollector:
 class _LoadedFisher(FisherCollector):
     def __init__(self, sums, counts):  # noqa: D107 - a saved state, not attached to a model
         self.sums, self.counts, self.dtype, self._handles = sums, counts, next(iter(sums.values())).dtype, []
+
+
+def _conv_fisher(module, x, grad_out, dtype, out=None):
+    """Per-sample Fisher of a Conv2d's weight (fqkernels' chunked implicit unfold)."""
+    return fk.conv2d_per_sample_fisher(x, grad_out, module.weight.shape, module.stride, module.padding,
+                                       module.dilation, module.groups, dtype=dtype, out=out)
