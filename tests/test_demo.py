@@ -35,9 +35,9 @@ def test_demo_pipeline_on_tiny_data(tmp_path):
     assert all(f"| {m} |" in report for m in METHODS)
     # The float model must beat 2-bit uniform PTQ on the same images.
     from fqdetr.engine.loader import make_loader
-    from fqdetr.engine.setup import evaluate_splits, load_datasets
+    from fqdetr.engine.setup import checkpoint_image_size, evaluate_splits, load_datasets
 
-    data = load_datasets(tmp_path / "data", 128, 400, 16)
+    data = load_datasets(tmp_path / "data", checkpoint_image_size(DEFAULT_MODEL), 400, 16)
     loaders = {"val": make_loader(data["val"], 4, shuffle=False)}
     model = load_detr_checkpoint(DEFAULT_MODEL).eval()
     two_bit = quantize_detr(model, w_bits=2, a_bits=2, calib_loader=loaders["val"], calib_batches=2)

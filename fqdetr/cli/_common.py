@@ -16,7 +16,8 @@ def add_common(p, data=True):
         g = p.add_argument_group("data")
         g.add_argument("--data", default="data/builtin", help="COCO-layout dataset folder; the built-in "
                                                               "dataset is generated there when missing")
-        g.add_argument("--image-size", type=int, default=128, help="shorter image side (default 128)")
+        g.add_argument("--image-size", type=int, default=None,
+                       help="shorter image side (default: the checkpoint's training size, else 128)")
         g.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
         g.add_argument("--eval-images", type=int, default=200,
                        help="val images (and as many training images) evaluated (default 200)")
@@ -93,7 +94,7 @@ def prepare(args, train_images=400):
     import torch
 
     from fqdetr.engine.loader import make_loader
-    from fqdetr.engine.setup import critical_setup, load_datasets
+    from fqdetr.engine.setup import checkpoint_image_size, critical_setup, load_datasets
     from fqdetr.models import load_detr_checkpoint
 
     if not Path(args.model).exists():
@@ -101,7 +102,8 @@ def prepare(args, train_images=400):
     Path(args.out).mkdir(parents=True, exist_ok=True)
     model = load_detr_checkpoint(args.model).eval()
     val_images = args.eval_images
-    data = load_datasets(args.data, args.image_size, max(train_images, val_images), val_images)
+    image_size = args.image_size or checkpoint_image_size(args.model)
+    data = load_datasets(args.data, image_size, max(train_images, val_images), val_images)
     train_eval = torch.utils.data.Subset(data["train"], range(min(val_images, len(data["train"]))))
     loaders = {"val": make_loader(data["val"], args.batch_size, shuffle=False),
                "train": make_loader(train_eval, args.batch_size, shuffle=False)}

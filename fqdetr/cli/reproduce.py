@@ -15,9 +15,9 @@ def add_parser(subparsers):
     p.add_argument("--data", default="data/builtin", help="built-in dataset folder; generated when missing")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--critical", default="person", help="critical set (default person)")
-    p.add_argument("--qat-steps", type=int, default=60, help="QAT steps per variant (default 60)")
-    p.add_argument("--fisher-images", type=int, default=64, help="images for Fisher traces (default 64)")
-    p.add_argument("--eval-images", type=int, default=200, help="val / train images evaluated (default 200)")
+    p.add_argument("--qat-steps", type=int, default=40, help="QAT steps per variant (default 40)")
+    p.add_argument("--fisher-images", type=int, default=48, help="images for Fisher traces (default 48)")
+    p.add_argument("--eval-images", type=int, default=120, help="val / train images evaluated (default 120)")
     p.set_defaults(func=run)
 
 

@@ -16,7 +16,7 @@ from fqdetr.allocate import allocate_bits, sensitivities
 from fqdetr.engine.loader import make_loader
 from fqdetr.engine.qat import qat, upweighted_criterion
 from fqdetr.engine.quantize import fixed_bounds, layer_weights, quantize_detr
-from fqdetr.engine.setup import critical_setup, evaluate_splits, load_datasets
+from fqdetr.engine.setup import checkpoint_image_size, critical_setup, evaluate_splits, load_datasets
 from fqdetr.models import load_detr_checkpoint
 from fqdetr.report import write_method_report
 from fqdetr.sensitivity import fisher_traces
@@ -25,12 +25,13 @@ log = logging.getLogger(__name__)
 
 
 def run_demo(out_dir, model_path, data_dir, critical="person", budget_avg_bits=4.0, qat_steps=40,
-             fisher_images=48, eval_images=120, batch_size=8, reg_lambda=0.05, upweight=3.0, image_size=128,
+             fisher_images=48, eval_images=120, batch_size=8, reg_lambda=0.05, upweight=3.0, image_size=None,
              seed=0):
     """Runs the whole comparison and writes the report; returns the results dict."""
     torch.manual_seed(seed)
     start, out_dir = time.time(), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    image_size = image_size or checkpoint_image_size(model_path)
     data = load_datasets(data_dir, image_size, max(eval_images, fisher_images, 400), eval_images)
     train_subset = torch.utils.data.Subset(data["train"], range(min(eval_images, len(data["train"]))))
     loaders = {"val": make_loader(data["val"], batch_size, shuffle=False),

@@ -16,7 +16,7 @@ from scipy.stats import pearsonr, spearmanr
 from fqdetr.engine.demo import run_demo
 from fqdetr.engine.loader import make_loader
 from fqdetr.engine.quantize import quantize_detr
-from fqdetr.engine.setup import critical_setup, evaluate_splits, load_datasets
+from fqdetr.engine.setup import checkpoint_image_size, critical_setup, evaluate_splits, load_datasets
 from fqdetr.models import load_detr_checkpoint
 from fqdetr.quant import set_fake_quant
 from fqdetr.sensitivity import fisher_traces
@@ -105,8 +105,8 @@ def summarize(runs, critical):
     return s
 
 
-def reproduce(out_dir, model_path, data_dir, seeds=(0, 1, 2), critical="person", qat_steps=60, fisher_images=64,
-              eval_images=200, **demo_kwargs):
+def reproduce(out_dir, model_path, data_dir, seeds=(0, 1, 2), critical="person", qat_steps=40, fisher_images=48,
+              eval_images=120, **demo_kwargs):
     """Runs every seed (results cached per seed in OUT/seed<k>/) and writes OUT/summary.json."""
     out_dir = Path(out_dir)
     runs = []
@@ -120,7 +120,7 @@ def reproduce(out_dir, model_path, data_dir, seeds=(0, 1, 2), critical="person",
                         fisher_images=fisher_images, eval_images=eval_images, seed=seed, **demo_kwargs)
         torch.manual_seed(seed)
         model = load_detr_checkpoint(model_path).eval()
-        data = load_datasets(data_dir, 128, max(eval_images, 400), eval_images)
+        data = load_datasets(data_dir, checkpoint_image_size(model_path), max(eval_images, 400), eval_images)
         loaders = {"val": make_loader(data["val"], 8, shuffle=False)}
         offset = torch.utils.data.Subset(data["train"], range(seed * 32, len(data["train"])))
         f1 = sensitivity_vs_drop(model, {"train": offset, "val": data["val"]}, loaders)

@@ -45,8 +45,10 @@ def qat(model, criterion, loader, steps, lr=5e-5, critical_objective=None, reg_l
     """Trains the quantized ``model`` in place for ``steps`` batches of ``loader``.
 
     critical_objective(outputs, targets) -> per-image critical losses [B]; with reg_lambda > 0
-    the loss is L_all + reg_lambda * tr(F_crit) (fqdetr.regularize). Returns the per-step log
-    [{"loss", "R"}].
+    the loss is L_all + reg_lambda * (L_0 / R_0) * R, R = tr(F_crit) (fqdetr.regularize), with
+    L_0 and R_0 the first step's values: R's raw size (squared DETR gradients, ~1e2-1e4) would
+    make any fixed lambda meaningless across models, so lambda is the regulariser's weight
+    relative to the task loss at the start. Returns the per-step log [{"loss", "R"}].
     """
     params = [p for p in model.parameters() if p.requires_grad]
     scales = [q.scale for q in model.modules() if isinstance(q, Quantizer) and q.scale.requires_grad]
@@ -64,7 +66,7 @@ def qat(model, criterion, loader, steps, lr=5e-5, critical_objective=None, reg_l
             raise ValueError("critical_objective: needed when reg_lambda > 0")
         weights, quantizers = zip(*quantized_weights(model).values())
         reg = FisherTraceRegularizer(weights, reg_estimator, reg_method, quantizers=quantizers)
-    history = []
+    history, reg_scale = [], None
     model.train()
     for m in model.modules():  # frozen BatchNorm statistics: batch statistics would couple the images
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -81,7 +83,9 @@ def qat(model, criterion, loader, steps, lr=5e-5, critical_objective=None, reg_l
 
             penalty = reg(critical_loss)
             record["R"] = penalty.item()
-            loss = loss + reg_lambda * penalty
+            if reg_scale is None:  # fixed at the first step: lambda is relative to the task loss
+                reg_scale = loss.item() / max(penalty.item(), 1e-12)
+            loss = loss + reg_lambda * reg_scale * penalty
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"qat: loss became {loss.item()}")
         optimizer.zero_grad(set_to_none=True)

@@ -11,14 +11,24 @@ from fqdetr.sensitivity import detr_objectives
 log = logging.getLogger(__name__)
 
 
+def checkpoint_image_size(path, default=128):
+    """The evaluation image size stored with a checkpoint (``image_size``), else ``default``."""
+    from fqdetr.models.checkpoint import read_checkpoint
+
+    size = read_checkpoint(path).get("image_size")
+    return int(size) if size else default
+
+
 def load_datasets(data_dir, image_size=128, num_train=400, num_val=200):
     """{"train", "val"} CocoDetection of a COCO-layout folder (DIR/{train,val}/,
-    DIR/annotations/instances_{train,val}.json); the built-in dataset is generated there
-    first when the folder has none."""
+    DIR/annotations/instances_{train,val}.json), resized to shorter side ``image_size``; the
+    built-in dataset is generated there first when the folder has none."""
     data_dir = Path(data_dir)
     if not (data_dir / "annotations" / "instances_val.json").exists():
         log.info("generating the built-in dataset in %s (%d train / %d val images)", data_dir, num_train, num_val)
-        make_builtin_dataset(data_dir, num_train=num_train, num_val=num_val, image_size=image_size, seed=0)
+        # The generator's own image size (what the shipped model was trained on); ``image_size``
+        # is the resize applied when reading.
+        make_builtin_dataset(data_dir, num_train=num_train, num_val=num_val, seed=0)
     tf = make_transforms("val", scales=[image_size], max_size=image_size * 4 // 3)
     return {split: CocoDetection(*builtin_paths(data_dir, split), transforms=tf) for split in ("train", "val")}
 
