@@ -18,16 +18,15 @@ with BatchNorm layers in training mode raises.
 """
 import fnmatch
 import json
-import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
 import fqkernels as fk
-from fqkernels import reference
+from fqdetr.io import atomic_torch_save
 from fqdetr.quant import QuantConv2d, QuantLinear, QuantMultiheadAttention
 from fqdetr.quant.modules import samples_first
+from fqkernels import reference
 
 _LAYERS = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
 
@@ -185,10 +184,8 @@ class FisherCollector:
 
     def save(self, path):
         """Writes {sums, counts} atomically (torch.save; load with FisherCollector.load)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"sums": self.sums, "counts": self.counts, "traces_json": json.dumps(self.traces())}, tmp)
-        os.replace(tmp, path)
+        atomic_torch_save({"sums": self.sums, "counts": self.counts, "traces_json": json.dumps(self.traces())},
+                          path)
 
     @staticmethod
     def load(path):

@@ -2,7 +2,6 @@
 critical gap) and PNG plots (per-layer Fisher traces with the chosen bits; per-group mAP
 of each method)."""
 import json
-import os
 from pathlib import Path
 
 import matplotlib
@@ -10,15 +9,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fqdetr.io import atomic_write_text  # noqa: E402
+
 
 def _pct(x):
     return "n/a" if x is None else f"{100 * x:.1f}"
-
-
-def _atomic_write(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def method_table(results):
@@ -78,7 +73,7 @@ def write_method_report(results, out_dir):
     """Writes results.json, report.md, layers.png and groups.png into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / "results.json", json.dumps(results, indent=2, default=float))
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, default=float))
     plot_layers(results, out_dir / "layers.png")
     plot_groups(results, out_dir / "groups.png")
     cfg = results["config"]
@@ -89,5 +84,5 @@ def write_method_report(results, out_dir):
             f"{cfg['qat_steps']} steps from the Fisher-critical allocation; Fisher over {cfg['fisher_images']} "
             f"training images; seed {cfg['seed']}; {results.get('seconds', 0):.0f} s.\n\n"
             f"{method_table(results)}\n\nAP in percent. ![layers](layers.png) ![groups](groups.png)\n")
-    _atomic_write(out_dir / "report.md", text)
+    atomic_write_text(out_dir / "report.md", text)
     return out_dir / "report.md"

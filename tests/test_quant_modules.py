@@ -1,5 +1,4 @@
 """Quantized modules on a small model with Linear, Conv2d and MultiheadAttention."""
-import json
 
 import pytest
 import torch

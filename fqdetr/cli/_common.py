@@ -1,6 +1,5 @@
 """Arguments and set-up shared by the method's sub-commands (fisher, allocate, ptq, qat)."""
 import json
-import os
 from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "detr_tiny_builtin.pth"
@@ -81,12 +80,9 @@ def sharded_loader(dataset, batch_size, shuffle, seed=0, pad=True):
 
 
 def write_json(obj, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-    return path
+    from fqdetr.io import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def prepare(args, train_images=400):

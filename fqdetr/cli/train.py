@@ -6,6 +6,13 @@
 Writes OUT/checkpoint.pth (full training state, for --resume), OUT/best.pth (model
 only, best val mAP; loads with fqdetr.models.load_detr_checkpoint), OUT/log.jsonl,
 OUT/config.json and OUT/eval/report.{json,md} for the best model on the val split.
+
+Several processes (DistributedDataParallel; gloo on CPU, nccl with --device cuda):
+
+    torchrun --nproc_per_node 2 -m fqdetr train --data data/builtin --epochs 50 --out runs/tiny
+
+--batch-size is then per process; rank 0 logs, evaluates and writes OUT; --resume loads the
+same checkpoint on every rank.
 """
 import json
 import logging
@@ -44,7 +51,8 @@ def add_parser(subparsers):
     g.add_argument("--image-size", type=int, default=128, metavar="PX",
                    help="shorter image side at validation; training resizes at random to "
                         "0.75x-1x of it (default 128; longer side capped at 4/3 of it)")
-    g.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
+    g.add_argument("--batch-size", type=int, default=16, help="images per step in each process (default 16; under torchrun the "
+                        "global batch is this times the number of processes)")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     g.add_argument("--train-limit", type=int, default=None, metavar="N",
                    help="use only the first N training images")
@@ -82,7 +90,9 @@ def add_parser(subparsers):
     g.add_argument("--export", default=None, metavar="PATH", help="copy best.pth here at the end")
     g.add_argument("--seed", type=int, default=42, help="seed of init, data order and augmentation (default 42)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    g.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    g.add_argument("--device", default="cpu",
+                   help="torch device (default cpu); under torchrun 'cpu' (gloo) or 'cuda' (nccl, "
+                        "cuda:LOCAL_RANK in each process)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -147,7 +157,28 @@ def _seed_everything(seed):
 
 
 def run(args):
+    import torch.distributed
+    from fqdetr.engine import distributed as dist_utils
+
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    info = dist_utils.init_distributed(device="cpu" if args.device == "cpu" else None)
+    try:
+        if info.distributed:
+            if args.device != "cpu":
+                args.device = str(info.device)  # cuda:LOCAL_RANK
+            if not info.is_main:  # one process reports
+                logging.getLogger().setLevel(logging.WARNING)
+            log.info("distributed training: %d processes (%s), %d images per step", info.world_size,
+                     info.backend, info.world_size * args.batch_size)
+        return _train(args, info)
+    finally:
+        if owns_group:
+            dist_utils.cleanup()
+
+
+def _train(args, info):
     import torch
+    from fqdetr.engine import distributed as dist_utils
     from fqdetr.engine import evaluate_model, make_loader, train_detr
     from fqdetr.evaluation import write_report
     from fqdetr.models import build_criterion, load_detr_checkpoint
@@ -157,21 +188,25 @@ def run(args):
     _seed_everything(args.seed)
     train_ds, val_ds = build_datasets(args)
     coco_train = getattr(train_ds, "dataset", train_ds)
-    model = build_model(args, coco_train.num_classes)
+    model = build_model(args, coco_train.num_classes)  # the same on every rank (DDP broadcasts rank 0's)
+    if info.rank > 0:  # distinct dropout / augmentation streams on the other ranks
+        _seed_everything(args.seed + info.rank)
     cfg = model.config
     criterion = build_criterion(coco_train.num_classes, dec_layers=cfg["dec_layers"],
                                 aux_loss=cfg["aux_loss"], eos_coef=args.eos_coef)
     train_loader = make_loader(train_ds, args.batch_size, shuffle=True, seed=args.seed,
-                               num_workers=args.num_workers)
+                               num_workers=args.num_workers, shard=True)
     val_sub = val_ds if not args.val_limit else torch.utils.data.Subset(val_ds, range(min(args.val_limit, len(val_ds))))
     val_loader = make_loader(val_sub, args.batch_size, shuffle=False, num_workers=args.num_workers)
     extra = {"categories": coco_train.coco.dataset["categories"],
              "label_to_cat_id": list(coco_train.label_to_cat_id), "num_classes": coco_train.num_classes,
              "image_size": args.image_size,
              "train_command": " ".join(["fqdetr"] + sys.argv[1:]) if sys.argv else ""}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump({"args": vars(args) | {"func": None}, "model": cfg}, f, indent=2, default=str)
+    if info.is_main:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump({"args": vars(args) | {"func": None}, "model": cfg, "world_size": info.world_size},
+                      f, indent=2, default=str)
     log.info("training %s (%.2fM parameters) on %d images, %d classes, %d steps/epoch", args.preset,
              sum(p.numel() for p in model.parameters()) / 1e6, len(train_ds), coco_train.num_classes,
              len(train_loader))
@@ -185,6 +220,9 @@ def run(args):
         checkpoint_extra=extra)
     log.info("training done in %.1f min: %d steps, best %s", (time.perf_counter() - start) / 60,
              history["step"], history["best"])
+    if not info.is_main:  # rank 0 evaluates and exports
+        dist_utils.barrier()
+        return 0
     best = os.path.join(args.out, "best.pth")
     if os.path.isfile(best):
         model = load_detr_checkpoint(best).to(args.device)
@@ -197,4 +235,5 @@ def run(args):
         os.makedirs(os.path.dirname(os.path.abspath(args.export)), exist_ok=True)
         shutil.copyfile(best, args.export)
         log.info("exported %s -> %s", best, args.export)
+    dist_utils.barrier()
     return 0

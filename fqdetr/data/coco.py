@@ -10,12 +10,13 @@ import io
 import json
 import logging
 import os
-import tempfile
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
+
+from fqdetr.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +31,7 @@ def _json_default(x):
 def write_json_atomic(obj, path, indent=None):
     """Write ``obj`` as json to ``path`` via a temp file + os.replace, so a reader
     never sees a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent, default=_json_default)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(obj, indent=indent, default=_json_default))
 
 
 def _check_list_of_dicts(data, key, where, required):

@@ -10,34 +10,15 @@ Files are written atomically: to a temporary file in the same directory, flushed
 fsynced, then renamed over the destination with ``os.replace``. A crash or an
 exception during the write leaves the previous file untouched.
 """
-import os
 import random
-import tempfile
 from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from fqdetr.io import atomic_torch_save  # noqa: F401  (re-exported: the engine's checkpoint writer)
 from fqdetr.models.checkpoint import read_checkpoint
-
-
-def atomic_torch_save(obj: Any, path) -> None:
-    """torch.save(obj) to ``path`` via a temporary file + os.replace (never half-written)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def capture_rng_state() -> Dict[str, torch.Tensor]:

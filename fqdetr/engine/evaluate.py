@@ -1,5 +1,5 @@
 """Run a DETR over a loader and evaluate its detections with fqdetr.evaluation."""
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 from torch import nn

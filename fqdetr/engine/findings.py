@@ -14,6 +14,7 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 from fqdetr.engine.demo import run_demo
+from fqdetr.io import atomic_write_text
 from fqdetr.engine.loader import make_loader
 from fqdetr.engine.quantize import quantize_detr
 from fqdetr.engine.setup import checkpoint_image_size, critical_setup, evaluate_splits, load_datasets
@@ -125,12 +126,10 @@ def reproduce(out_dir, model_path, data_dir, seeds=(0, 1, 2), critical="person",
         offset = torch.utils.data.Subset(data["train"], range(seed * 32, len(data["train"])))
         f1 = sensitivity_vs_drop(model, {"train": offset, "val": data["val"]}, loaders)
         run = {"seed": seed, "demo": demo, "finding1": f1}
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_text(json.dumps(run, default=float))
-        tmp.replace(cached)
+        atomic_write_text(cached, json.dumps(run, default=float))
         runs.append(run)
     summary = summarize(runs, critical)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -39,12 +39,23 @@ class ResumableSampler(Sampler):
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, seed: int = 0,
-                num_workers: int = 0, drop_last: Optional[bool] = None) -> DataLoader:
+                num_workers: int = 0, drop_last: Optional[bool] = None, shard: bool = False) -> DataLoader:
     """DataLoader with a ResumableSampler, DETR's padding collate_fn and a private
     generator (so creating an iterator leaves the global torch RNG untouched).
-    ``drop_last`` defaults to ``shuffle`` (full batches in training)."""
-    sampler = ResumableSampler(dataset, shuffle=shuffle, seed=seed)
+    ``drop_last`` defaults to ``shuffle`` (full batches in training).
+
+    shard=True, in a distributed run (world size > 1): this rank's share of the (seed,
+    epoch) permutation, padded so every rank takes the same number of steps
+    (fqdetr.engine.distributed.DistributedResumableSampler); ``batch_size`` is then per
+    process, and the worker seeds differ by rank. In a single process shard changes nothing."""
+    from fqdetr.engine import distributed as dist_utils
+
+    rank = dist_utils.rank()
+    if shard and dist_utils.world_size() > 1:
+        sampler = dist_utils.DistributedResumableSampler(dataset, shuffle=shuffle, seed=seed, pad=True)
+    else:
+        sampler, rank = ResumableSampler(dataset, shuffle=shuffle, seed=seed), 0
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
                       num_workers=num_workers, drop_last=shuffle if drop_last is None else drop_last,
-                      generator=torch.Generator().manual_seed(seed),
+                      generator=torch.Generator().manual_seed(seed + 1000003 * rank),
                       persistent_workers=False)

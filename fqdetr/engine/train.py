@@ -5,11 +5,20 @@ Files under ``out_dir``:
 - ``checkpoint.pth``: latest full training state (resume from it);
 - ``best.pth``: model-only checkpoint (``load_detr_checkpoint``) of the best val mAP;
 - ``log.jsonl``: one JSON object per logged step and per epoch.
+
+Under ``torchrun`` (a process group initialised by fqdetr.engine.distributed.init_distributed)
+the same call trains with DistributedDataParallel: every rank builds the same model and
+criterion and passes a loader whose sampler shards the training set
+(``make_loader(..., shard=True)``); ``train_detr`` wraps the model, averages the logged
+losses over the ranks, and leaves logging, progress bars, checkpoints and evaluation to
+rank 0 (the others wait at a barrier). Checkpoints hold the unwrapped model, every rank's
+RNG state and the world size; ``resume`` loads the same file on every rank.
 """
 import json
 import logging
 import math
 import os
+import random
 import re
 import sys
 import time
@@ -17,11 +26,14 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from fqdetr.engine.checkpoint import load_training_checkpoint, save_training_checkpoint
+from fqdetr.engine import distributed as dist_utils
+from fqdetr.engine.checkpoint import (capture_rng_state, load_training_checkpoint, restore_rng_state,
+                                      save_training_checkpoint)
 from fqdetr.engine.evaluate import evaluate_model
 from fqdetr.models import save_detr_checkpoint, weighted_loss
 
@@ -61,8 +73,12 @@ def train_step(model, criterion, batch, optimizer, clip_max_norm: float, device)
     images, mask, targets = _to_device(*batch, device)
     loss_dict = criterion(model((images, mask)), targets)
     loss = weighted_loss(loss_dict, criterion.weight_dict)
-    if not math.isfinite(loss.item()):
-        raise FloatingPointError(f"loss is {loss.item()}: {({k: v.item() for k, v in loss_dict.items()})}")
+    bad = not math.isfinite(loss.item())
+    if dist_utils.world_size() > 1:  # every rank stops together (none waits in backward's all-reduce)
+        bad = dist_utils.all_reduce_sum(torch.tensor([float(bad)], device=loss.device)).item() > 0
+    if bad:
+        raise FloatingPointError(f"loss is {loss.item()} (on rank {dist_utils.rank()}; non-finite on at least one "
+                                 f"rank): {({k: v.item() for k, v in loss_dict.items()})}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -98,7 +114,8 @@ def train_detr(model: nn.Module, criterion: nn.Module, train_loader, val_loader=
                eval_every: int = 1, resume: Optional[str] = None, max_steps: Optional[int] = None,
                checkpoint_every: Optional[int] = None, log_every: int = 20, device="cpu",
                progress: bool = True, checkpoint_extra: Optional[Mapping] = None,
-               critical_sets=None, on_epoch_end: Optional[Callable[[Dict], None]] = None) -> Dict[str, Any]:
+               critical_sets=None, on_epoch_end: Optional[Callable[[Dict], None]] = None,
+               ddp_kwargs: Optional[Mapping] = None) -> Dict[str, Any]:
     """Train ``model`` with DETR's recipe; returns {"step", "epoch", "losses" (per step),
     "epochs" (per-epoch summaries), "best" (best val result or None)}.
 
@@ -111,25 +128,41 @@ def train_detr(model: nn.Module, criterion: nn.Module, train_loader, val_loader=
     checkpoint is written there). val_loader: evaluated every ``eval_every`` epochs
     and after the last (its dataset must be a CocoDetection, possibly a Subset).
     checkpoint_extra: plain data stored in every checkpoint (e.g. the categories).
+
+    Distributed (torchrun, world size > 1): ``model`` is wrapped in DistributedDataParallel
+    (``ddp_kwargs`` go to it, e.g. find_unused_parameters=True); ``train_loader`` should be
+    sharded (make_loader(shard=True)), its batch size is per process. "losses" and the logged
+    values are means over the ranks; only rank 0 writes files and evaluates (on every rank
+    the returned "best" is rank 0's).
     """
     model.to(device)
     criterion.to(device)
     optimizer = build_optimizer(model, lr, lr_backbone, weight_decay)
     scheduler = build_scheduler(optimizer, lr_drop or max(1, (2 * epochs) // 3))
     state = {"epoch": 0, "step": 0, "epoch_step": 0, "best": None}
+    world, main = dist_utils.world_size(), dist_utils.is_main()
     if resume:
         ckpt = load_training_checkpoint(resume, model, optimizer, scheduler)
         if lr_drop:  # an explicit period replaces the checkpoint's
             scheduler.step_size = max(1, int(lr_drop))
         state.update(epoch=ckpt["epoch"], step=ckpt["step"], epoch_step=ckpt["epoch_step"],
                      best=ckpt.get("best"))
+        _restore_rank_rng(ckpt, resume, world)
         log.info("resumed from %s at epoch %d, step %d (%d into the epoch)", resume,
                  state["epoch"], state["step"], state["epoch_step"])
-    if out_dir:
+    if world > 1 and not isinstance(getattr(train_loader, "sampler", None),
+                                    dist_utils.DistributedResumableSampler):
+        warnings.warn("distributed training with a loader that does not shard the data: every rank "
+                      "sees every image (use make_loader(..., shard=True))")
+    if out_dir and main:
         os.makedirs(out_dir, exist_ok=True)
+    # Single process: train_model is model itself. Wrapped after loading the checkpoint (DDP
+    # broadcasts rank 0's parameters and buffers when it is built); saved and evaluated unwrapped.
+    train_model = dist_utils.wrap_ddp(model, **dict(ddp_kwargs or {}))
     ctx = _Context(model, criterion, optimizer, scheduler, train_loader, val_loader, out_dir,
-                   clip_max_norm, device, progress, log_every, checkpoint_every, max_steps,
-                   checkpoint_extra, critical_sets, _Logger(out_dir))
+                   clip_max_norm, device, progress and main, log_every, checkpoint_every, max_steps,
+                   checkpoint_extra, critical_sets, _Logger(out_dir if main else None), train_model,
+                   world, main)
     history = {"losses": [], "epochs": []}
     while state["epoch"] < epochs and not ctx.done(state):
         summary = _run_epoch(ctx, state, history)
@@ -137,7 +170,10 @@ def train_detr(model: nn.Module, criterion: nn.Module, train_loader, val_loader=
             break
         last = state["epoch"] == epochs
         if val_loader is not None and (last or state["epoch"] % max(1, eval_every) == 0):
-            _validate(ctx, state, summary)
+            if main:
+                _validate(ctx, state, summary)
+            if world > 1:  # the others wait for rank 0's evaluation, then share its best
+                state["best"] = dist_utils.broadcast_object(state["best"])
         history["epochs"].append(summary)
         ctx.logger(summary)
         ctx.save(state)
@@ -166,17 +202,52 @@ class _Context:
     extra: Optional[Mapping]
     critical_sets: Any
     logger: Callable[[Mapping], None]
+    train_model: nn.Module = None  # the model, or its DistributedDataParallel wrapper
+    world: int = 1
+    main: bool = True  # rank 0: writes files and evaluates
+
+    def __post_init__(self):
+        if self.train_model is None:
+            self.train_model = self.model
 
     def done(self, state) -> bool:
         return self.max_steps is not None and state["step"] >= self.max_steps
 
     def save(self, state) -> None:
+        """checkpoint.pth from rank 0; every rank calls it (their RNG states are gathered)."""
         if not self.out_dir:
             return
+        rank_rng = None
+        if self.world > 1:
+            rank_rng = [None] * self.world
+            torch.distributed.all_gather_object(rank_rng, capture_rng_state())
+        if not self.main:
+            return
         extra = dict(self.extra or {}, best=state["best"])
+        if rank_rng is not None:
+            extra.update(world_size=self.world, rng_ranks=rank_rng)
         save_training_checkpoint(os.path.join(self.out_dir, "checkpoint.pth"), self.model,
                                  self.optimizer, self.scheduler, epoch=state["epoch"],
                                  step=state["step"], epoch_step=state["epoch_step"], extra=extra)
+
+
+def _restore_rank_rng(ckpt: Mapping, path, world: int) -> None:
+    """After load_training_checkpoint restored rank 0's RNG state: each rank continues its own
+    stream when the checkpoint has one per rank of this world size."""
+    saved_world = int(ckpt.get("world_size", 1))
+    if saved_world != world:
+        if ckpt.get("epoch_step"):
+            warnings.warn(f"{path} was written by {saved_world} process(es), resumed with {world}: the "
+                          f"rest of epoch {ckpt['epoch']} is resharded, so some of its images are "
+                          f"seen twice or not at all")
+        if world > 1 and dist_utils.rank() > 0:
+            # no saved stream for this rank: derive a distinct one (not bitwise resumable)
+            torch.manual_seed(int(ckpt["step"]) * 1000003 + dist_utils.rank())
+            random.seed(int(ckpt["step"]) * 1000003 + dist_utils.rank())
+            np.random.seed((int(ckpt["step"]) * 1000003 + dist_utils.rank()) % 2 ** 32)
+        return
+    if world > 1 and "rng_ranks" in ckpt:
+        restore_rng_state(ckpt["rng_ranks"][dist_utils.rank()])
 
 
 def _set_epoch(loader, epoch: int, start_batch: int) -> None:
@@ -195,7 +266,7 @@ def _set_epoch(loader, epoch: int, start_batch: int) -> None:
 def _run_epoch(ctx: _Context, state: Dict, history: Dict) -> Optional[Dict]:
     """Train the rest of epoch state["epoch"]; returns its summary, or None when
     max_steps stopped it midway (a checkpoint is then written)."""
-    ctx.model.train()
+    ctx.train_model.train()
     ctx.criterion.train()
     epoch, start = state["epoch"], state["epoch_step"]
     _set_epoch(ctx.train_loader, epoch, start)
@@ -205,7 +276,9 @@ def _run_epoch(ctx: _Context, state: Dict, history: Dict) -> Optional[Dict]:
     bar = tqdm(ctx.train_loader, desc=f"epoch {epoch}", disable=not ctx.progress, leave=False,
                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)
     for batch in bar:
-        rec = train_step(ctx.model, ctx.criterion, batch, ctx.optimizer, ctx.clip_max_norm, ctx.device)
+        rec = train_step(ctx.train_model, ctx.criterion, batch, ctx.optimizer, ctx.clip_max_norm, ctx.device)
+        if ctx.world > 1:
+            rec = _mean_over_ranks(rec, ctx.device)
         state["step"] += 1
         state["epoch_step"] += 1
         records.append(rec)
@@ -231,6 +304,17 @@ def _run_epoch(ctx: _Context, state: Dict, history: Dict) -> Optional[Dict]:
              summary.get("loss_bbox", float("nan")), summary.get("loss_giou", float("nan")),
              lr, summary["time_s"])
     return summary
+
+
+def _mean_over_ranks(rec: Mapping[str, float], device) -> Dict[str, float]:
+    """Per-step values averaged over the processes (the losses of the whole global batch: the
+    box terms are normalised by the all-reduced box count; grad_norm is the same everywhere)."""
+    keys = list(rec)  # the same keys in the same order on every rank
+    t = torch.tensor([float(rec[k]) for k in keys], dtype=torch.float64,
+                     device=device if torch.distributed.get_backend() == "nccl" else "cpu")
+    dist_utils.all_reduce_sum(t)
+    t /= dist_utils.world_size()
+    return dict(zip(keys, t.tolist()))
 
 
 def _validate(ctx: _Context, state: Dict, summary: Dict) -> None:

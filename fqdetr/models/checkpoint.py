@@ -7,12 +7,13 @@ A checkpoint is ``{"model": state_dict, "args": ...}``. Official files carry an
 import argparse
 import os
 import re
-import tempfile
 import warnings
 from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
+
+from fqdetr.io import atomic_torch_save
 
 from .backbone import RESNET_SPECS
 from .detr import DETR, detr_from_config
@@ -159,19 +160,7 @@ def save_detr_checkpoint(model: nn.Module, path, args: Optional[Mapping] = None,
     args = dict(getattr(model, "config", {}) if args is None else args)
     payload = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "args": args}
     payload.update(extra or {})
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_torch_save(payload, path)
 
 
 def load_resnet_weights(model: DETR, path) -> DETR:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from fqdetr.io import atomic_write_text
+
 CALIBRATION_METHODS = ("max", "percentile", "mse")
 
 
@@ -115,10 +117,7 @@ class QuantConfig(LayerQuantConfig):
         return cls(**data)
 
     def save(self, path):
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path):

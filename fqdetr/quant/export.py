@@ -6,11 +6,9 @@ per quantized layer, ``weight_codes`` (int8, the clamped codes; every signed
 weights dequantize as ``codes * scale[:, None]`` exactly to the fake-quantized
 weights the model computed with.
 """
-import os
-from pathlib import Path
-
 import torch
 
+from fqdetr.io import atomic_torch_save
 from fqkernels import reference
 from fqdetr.quant.swap import quantized_modules
 
@@ -49,7 +47,4 @@ def export_quantized(model):
 
 def save_quantized(model, path):
     """Writes export_quantized(model) to ``path`` atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(export_quantized(model), tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(export_quantized(model), path)
