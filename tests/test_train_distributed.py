@@ -68,7 +68,12 @@ def test_two_processes_train_like_one_process_with_the_joined_batches(tiny_data,
     w = _worker()
     _torchrun("compare", tiny_data, tmp_path)
     ranks = [torch.load(tmp_path / f"compare_rank{r}.pt", weights_only=True) for r in range(2)]
-    single = w.reference(tiny_data)  # this process (world size 1), InterleavedShards sampler
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers (and much faster than 2 threads on a busy machine)
+    try:
+        single = w.reference(tiny_data)  # this process (world size 1), InterleavedShards sampler
+    finally:
+        torch.set_num_threads(threads)
     assert [r["step"] for r in ranks] == [w.STEPS] * 2
 
     # The data: each rank a padded shard of the same permutation, disjoint here (8 images);

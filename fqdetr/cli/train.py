@@ -51,7 +51,8 @@ def add_parser(subparsers):
     g.add_argument("--image-size", type=int, default=128, metavar="PX",
                    help="shorter image side at validation; training resizes at random to "
                         "0.75x-1x of it (default 128; longer side capped at 4/3 of it)")
-    g.add_argument("--batch-size", type=int, default=16, help="images per step in each process (default 16; under torchrun the "
+    g.add_argument("--batch-size", type=int, default=16,
+                   help="images per step in each process (default 16; under torchrun the "
                         "global batch is this times the number of processes)")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     g.add_argument("--train-limit", type=int, default=None, metavar="N",
