@@ -30,8 +30,14 @@ build: $(BUILT)
 test: $(BUILT)
 	$(PY) -m pytest -q tests
 
-bench: $(BUILT)
-	$(PY) -m pytest -q benchmarks --benchmark-columns=min,median,mean,rounds
+# Benchmark-only baselines: Opacus normally, BackPACK without its (torchvision) dependencies.
+$(VENV)/.fq-bench: $(VENV)/.fq-deps
+	$(PY) -m pip install -q opacus einops unfoldNd
+	$(PY) -m pip install -q --no-deps backpack-for-pytorch
+	touch $@
+
+bench: $(BUILT) $(VENV)/.fq-bench
+	$(PY) -m pytest -q benchmarks -o python_files="bench_*.py" --benchmark-columns=min,median,mean,rounds
 
 demo: $(BUILT)
 	$(VENV)/bin/fqdetr demo --out runs/demo
