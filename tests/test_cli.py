@@ -59,22 +59,12 @@ def test_fisher_under_torchrun_equals_one_process(run_dir, tmp_path):
     """2 gloo processes, each on half the images, all-reduced: the single-process traces.
     Batch size 1, because DETR's backbone sees different zero padding when images of
     different sizes share a batch (a property of the model, not of the reduction)."""
-    import os
-    import socket
-    import subprocess
-    import sys
+    from _launch import torchrun
 
     common = [*_common(run_dir), "--images", "6"]
     common[common.index("--batch-size") + 1] = "1"
     assert main(["fisher", *common, "--out", str(tmp_path / "one")]) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "fqdetr", "fisher", *common, "--out", str(tmp_path / "two")]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    torchrun("-m", "fqdetr", "fisher", *common, "--out", tmp_path / "two", timeout=300)
     one = json.loads((tmp_path / "one" / "fisher.json").read_text())
     two = json.loads((tmp_path / "two" / "fisher.json").read_text())
     assert two["_meta"]["processes"] == 2

@@ -1,32 +1,15 @@
 """torch.distributed helpers, and Fisher estimation over 2 gloo processes == one process."""
-import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _launch import load_worker, torchrun
 from fqdetr.engine import distributed as fd
 from fqdetr.fisher import FisherCollector
 
 WORKER = Path(__file__).with_name("_dist_fisher_worker.py")
-
-
-def _worker_module():
-    spec = importlib.util.spec_from_file_location("_dist_fisher_worker", WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_single_process_helpers_are_no_ops(monkeypatch):
@@ -82,14 +65,8 @@ def test_two_gloo_processes_give_the_single_process_fisher_and_ddp_steps(tmp_pat
     """torchrun --nproc_per_node 2 (gloo) on disjoint halves of 7 samples, all-reduced, against
     one process over all 7, through the same worker code (tests/_dist_fisher_worker.py); and
     DDP SGD steps through fd.wrap_ddp against single-process steps on the joined batches."""
-    single, _ = _worker_module().collect()  # world size 1 here: every sample in this process
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(name, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(WORKER), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single, _ = load_worker(WORKER).collect()  # world size 1 here: every sample in this process
+    torchrun(WORKER, tmp_path, timeout=90)
     meta = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [m["backend"] for m in meta] == ["gloo", "gloo"] and [m["world"] for m in meta] == [2, 2]
     assert [m["main"] for m in meta] == [True, False]
@@ -112,7 +89,7 @@ def test_two_gloo_processes_give_the_single_process_fisher_and_ddp_steps(tmp_pat
 
     # DDP: two SGD steps on padded shards of 8 samples, 2 per rank per step, against one
     # process taking both ranks' batches (4 samples) per step with the same mean loss.
-    worker = _worker_module()
+    worker = load_worker(WORKER)
     data, model = worker.ddp_data(), worker.ddp_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     shards = []

@@ -4,44 +4,16 @@ against one process, rank-0-only files, and resume across launches.
 The workers live in tests/_dist_train_worker.py. Every launch is ``python -m torch.distributed.run
 --nproc_per_node 2`` on 127.0.0.1 with a free port and OMP_NUM_THREADS=1.
 """
-import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _launch import load_worker, torchrun
 from fqdetr.data import make_builtin_dataset
 
 WORKER = Path(__file__).with_name("_dist_train_worker.py")
-
-
-def _worker():
-    spec = importlib.util.spec_from_file_location("_dist_train_worker", WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(*args, timeout=60):
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        env.pop(name, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(WORKER), *map(str, args)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +37,8 @@ def test_two_processes_train_like_one_process_with_the_joined_batches(tiny_data,
     and batch-dependent padding would also differ between a half and a full batch, so the worker
     uses frozen BatchNorm, dropout 0 and one fixed image size.
     """
-    w = _worker()
-    _torchrun("compare", tiny_data, tmp_path)
+    w = load_worker(WORKER)
+    torchrun(WORKER, "compare", tiny_data, tmp_path)
     ranks = [torch.load(tmp_path / f"compare_rank{r}.pt", weights_only=True) for r in range(2)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers (and much faster than 2 threads on a busy machine)
@@ -128,9 +100,9 @@ def test_cli_under_torchrun_rank0_writes_and_resume_continues(tiny_data, tmp_pat
         rec.mkdir()
     data = ["--data", str(tiny_data)]
     (a, rec_a), (b, rec_b), (c, rec_c) = runs.values()
-    _torchrun("cli", rec_a, *CLI, *data, "--max-steps", "3", "--out", a)
-    _torchrun("cli", rec_b, *CLI, *data, "--max-steps", "5", "--out", b, "--resume", a / "checkpoint.pth")
-    _torchrun("cli", rec_c, *CLI, *data, "--max-steps", "5", "--out", c)
+    torchrun(WORKER, "cli", rec_a, *CLI, *data, "--max-steps", "3", "--out", a)
+    torchrun(WORKER, "cli", rec_b, *CLI, *data, "--max-steps", "5", "--out", b, "--resume", a / "checkpoint.pth")
+    torchrun(WORKER, "cli", rec_c, *CLI, *data, "--max-steps", "5", "--out", c)
 
     # Rank 0 alone wrote: checkpoints, best.pth after epoch 0's evaluation, the log, the report.
     for rec in (rec_a, rec_b, rec_c):
