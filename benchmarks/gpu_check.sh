@@ -51,21 +51,8 @@ for tokens, k, n in [(1700, 256, 2048), (6800, 256, 2048), (6800, 256, 256)]:
         train = (lambda fn=fn: fn().backward(g)) if name != "bf16 cuBLAS" else None
         fb = ms(train, 20) if train else float("nan")
         print(f"{tokens}x{k}->{n:>6} {name:>12} {fwd:8.3f} {fb:11.3f}")
-PYEOF
 
 # ---- per-sample Fisher: kernel alone vs the plain weight-gradient matmul ----
-$PY - <<'PYEOF'
-import torch
-import fqkernels as fk
-
-def ms(fn, n=20):
-    fn(); torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record(); torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
 
 print(f"{'N,T,K->M':>18} {'dW mm ms':>9} {'cuda x':>7} {'triton x':>9}")
 for n, t, k, m in [(32, 100, 256, 256), (32, 850, 256, 2048), (8, 850, 2048, 256)]:

@@ -17,11 +17,7 @@ using fq::TensorArg;
 namespace {
 
 TensorArg cpu_tensor(const py::object& obj, const char* name, std::initializer_list<DType> dtypes) {
-  TensorArg a = fq::tensor_arg(obj, name);
-  fq::require_device(a, kDLCPU);
-  fq::require_dtype(a, dtypes);
-  fq::require_contiguous(a);
-  return a;
+  return fq::checked_tensor(obj, name, kDLCPU, dtypes);
 }
 
 void fake_quant_forward(py::object x_, py::object scale_, py::object out_, int bits, bool is_signed,

@@ -18,11 +18,7 @@ using fq::TensorArg;
 namespace {
 
 TensorArg cuda_tensor(const py::object& obj, const char* name, std::initializer_list<DType> dtypes) {
-  TensorArg a = fq::tensor_arg(obj, name);
-  fq::require_device(a, kDLCUDA);
-  fq::require_dtype(a, dtypes);
-  fq::require_contiguous(a);
-  return a;
+  return fq::checked_tensor(obj, name, kDLCUDA, dtypes);
 }
 
 void require_same_device(const TensorArg& a, const TensorArg& b) {

@@ -131,6 +131,16 @@ inline void require_bits(int bits, const char* name) {
     throw py::value_error(std::string(name) + ": expected a bit-width in 2..8, got " + std::to_string(bits));
 }
 
+// A contiguous tensor on ``device_type`` with one of ``dtypes``: the usual kernel input.
+inline TensorArg checked_tensor(const py::object& obj, const char* name, int device_type,
+                                std::initializer_list<DType> dtypes) {
+  TensorArg a = tensor_arg(obj, name);
+  require_device(a, device_type);
+  require_dtype(a, dtypes);
+  require_contiguous(a);
+  return a;
+}
+
 // Splits a tensor into [outer, channels, inner] around `axis` (per channel), or a
 // single channel when axis < 0 (per tensor), and checks the scale vector against it.
 struct ChannelLayout {
