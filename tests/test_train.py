@@ -38,13 +38,13 @@ def _seed(seed):
     torch.manual_seed(seed)
 
 
-def _run(root, out_dir=None, max_steps=2, resume=None, seed=0, epochs=3):
+def _run(root, out_dir=None, max_steps=2, resume=None, seed=0, epochs=3, lr_drop=1):
     """Tiny DETR (dropout on, random flips and scales) for max_steps steps of batch 2."""
     _seed(seed)
     model = build_detr("tiny", num_classes=NUM_CLASSES, **SMALL)
     criterion = build_criterion(NUM_CLASSES, dec_layers=model.config["dec_layers"])
     loader = make_loader(_train_set(root), batch_size=2, shuffle=True, seed=7)
-    return train_detr(model, criterion, loader, epochs=epochs, lr=2e-4, lr_backbone=2e-4, lr_drop=1,
+    return train_detr(model, criterion, loader, epochs=epochs, lr=2e-4, lr_backbone=2e-4, lr_drop=lr_drop,
                       out_dir=out_dir, max_steps=max_steps, resume=resume, progress=False,
                       checkpoint_extra={"note": "test"})
 
@@ -93,6 +93,14 @@ def test_resume_restores_scheduler_and_epoch(tiny_data, tmp_path):
     assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["step"]) == (1, 1, 5)
     assert opt.param_groups[0]["lr"] == pytest.approx(2e-5)
     assert len(opt.state) > 0
+
+
+def test_resume_with_a_longer_schedule_restores_the_lr(tiny_data, tmp_path):
+    _run(tiny_data, tmp_path, max_steps=5)  # lr_drop=1: lr already 2e-5 in epoch 1
+    ckpt_path = str(tmp_path / "checkpoint.pth")
+    _run(tiny_data, tmp_path, max_steps=6, resume=ckpt_path, epochs=6, lr_drop=4)
+    groups = torch.load(ckpt_path, weights_only=True)["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([2e-4] * len(groups))  # epoch 1 // 4 = 0 drops
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

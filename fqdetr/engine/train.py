@@ -103,6 +103,19 @@ class _Logger:
                 f.write(json.dumps(record) + "\n")
 
 
+def _replace_lr_period(scheduler, lr_drop: int) -> None:
+    """Give a resumed StepLR a new period, with every lr set to where the new schedule is now.
+
+    StepLR updates lr multiplicatively, so changing only step_size would keep an lr already
+    dropped under the old period (e.g. extending a finished run would never raise it again).
+    """
+    scheduler.step_size = max(1, int(lr_drop))
+    drops = max(0, scheduler.last_epoch) // scheduler.step_size
+    for group in scheduler.optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * scheduler.gamma ** drops
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 def _mean(records: Sequence[Mapping[str, float]]) -> Dict[str, float]:
     keys = records[0].keys() if records else ()
     return {k: sum(r[k] for r in records) / len(records) for k in keys}
@@ -144,7 +157,7 @@ def train_detr(model: nn.Module, criterion: nn.Module, train_loader, val_loader=
     if resume:
         ckpt = load_training_checkpoint(resume, model, optimizer, scheduler)
         if lr_drop:  # an explicit period replaces the checkpoint's
-            scheduler.step_size = max(1, int(lr_drop))
+            _replace_lr_period(scheduler, lr_drop)
         state.update(epoch=ckpt["epoch"], step=ckpt["step"], epoch_step=ckpt["epoch_step"],
                      best=ckpt.get("best"))
         _restore_rank_rng(ckpt, resume, world)
