@@ -87,6 +87,25 @@ def test_linear_against_oracles(backend, shape, layout):
     assert rel_err(f, reference.per_sample_fisher(x, d, dtype=torch.float64)) < RTOL
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 140, 530, 270), (1030, 1, 40, 9)])
+def test_cpu_blocks_larger_than_the_largest_tile(threads, shape):
+    """Cross the cpu kernel's largest block (256 x 512), its 128-row chunk and its
+    1024-sample chunk (T = 1); the block split depends on the number of threads."""
+    n, t, k, m = shape
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, d, xi, di, bd = make_inputs(n, t, k, m, "seq")
+        grad_weight = torch.empty(m, k)
+        f = fk.per_sample_fisher(xi, di, batch_dim=bd, grad_weight=grad_weight, backend="cpu")
+        sq = fk.per_sample_sq_norms(xi, di, batch_dim=bd, backend="cpu")
+    finally:
+        torch.set_num_threads(before)
+    f_ref, g_ref, sq_ref = linear_oracle(x, d)
+    assert rel_err(f, f_ref) < RTOL and rel_err(grad_weight, g_ref) < RTOL and rel_err(sq, sq_ref) < RTOL
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float64_accumulation_and_transposed_strides(backend):
     device = DEVICE.get(backend, "cpu")

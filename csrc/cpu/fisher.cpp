@@ -33,9 +33,10 @@ namespace {
 
 constexpr int64_t MR = 8;    // microtile rows (output features m)
 constexpr int64_t NR = 32;   // microtile columns (input features k): two AVX-512 vectors
-constexpr int64_t kMb = 64;  // block of m per task (a [kTc, MR] D panel, 8 KiB, stays in L1)
-constexpr int64_t kKb = 128; // block of k per task (packing costs ~1/kMb + 1/kKb of the FMAs)
-constexpr int64_t kTc = 256; // packed rows (tokens, or samples when T == 1) per chunk
+constexpr int64_t kMb = 256;  // largest block of m: its packed D chunk (kTc x kMb, 128 KiB) stays in L2
+constexpr int64_t kKb = 512;  // largest block of k: with G (kMb x kKb) and the X chunk, ~0.9 MiB of L2
+constexpr int64_t kTc = 128;  // packed rows per chunk: an X micro-panel (kTc x NR, 16 KiB) stays in L1
+constexpr int64_t kSampleChunk = 1024;  // T == 1: samples summed in float before each store
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FQ_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -209,26 +210,57 @@ void store_output(const float* g, int64_t ldg, void* out, bool f64, int64_t ldo,
     store_block(g, ldg, static_cast<float*>(out) + m0 * ldo + k0, ldo, mb, kb, square, add);
 }
 
+// Block shape for an [m, k] output: the largest blocks up to kMb x kKb (each packed
+// element then serves bk / NR or bm / MR microtiles, and a sample's X and D are read
+// from memory fewer times), halved until every thread owns at least two blocks so that
+// the static split stays balanced.
+struct Blocking {
+  int64_t bm, bk, mblocks, kblocks;
+};
+
+Blocking choose_blocks(int64_t m, int64_t k, int threads) {
+  auto round_up = [](int64_t v, int64_t q) { return std::max<int64_t>(q, (v + q - 1) / q * q); };
+  Blocking b{std::min(kMb, round_up(m, MR)), std::min(kKb, round_up(k, NR)), 0, 0};
+  auto count = [&] { return ((m + b.bm - 1) / b.bm) * ((k + b.bk - 1) / b.bk); };
+  while (count() < 2 * threads && (b.bm > MR || b.bk > NR)) {
+    if (b.bk > NR && (b.bk >= b.bm || b.bm <= MR)) b.bk = round_up(b.bk / 2, NR);
+    else b.bm = round_up(b.bm / 2, MR);
+  }
+  b.mblocks = std::max<int64_t>(1, (m + b.bm - 1) / b.bm);
+  b.kblocks = std::max<int64_t>(1, (k + b.bk - 1) / b.bk);
+  return b;
+}
+
 struct Workspace {
   std::vector<float> dpack = std::vector<float>(kMb * kTc);
   std::vector<float> xpack = std::vector<float>(kKb * kTc);
-  std::vector<float> g = std::vector<float>(kMb * kKb);
+  std::vector<float> g = std::vector<float>(kMb * kKb);  // one block of G, row stride bk
 };
 
-// w.g = sum over `rows` reduction rows of D^T X for one block: the rows are the tokens
-// of one sample (d/x point at that sample) or, with T == 1, samples (squared).
-template <typename In>
+// G[0:mb, 0:kb] (w.g, row stride ldg) = sum over `rows` reduction rows of D^T X: the
+// tokens of one sample (d and x point at it) or, with T == 1, samples (squared). Each
+// chunk of kTc rows is packed once and serves every microtile of the block; microtiles
+// go along m for a fixed X panel, which stays in L1. tile_done(r, c) runs on each
+// finished MR x NR tile at block offset (r, c) while it is still in L1.
+template <typename In, typename TileDone>
 void accumulate_rows(Microkernel micro, Workspace& w, const In* d, int64_t d_row, int64_t d_col, const In* x,
-                     int64_t x_row, int64_t x_col, int64_t rows, int64_t mb, int64_t kb, bool square) {
+                     int64_t x_row, int64_t x_col, int64_t rows, int64_t mb, int64_t kb, int64_t ldg, bool square,
+                     TileDone&& tile_done) {
   if (rows == 0) std::fill(w.g.begin(), w.g.end(), 0.0f);
-  for (int64_t r0 = 0; r0 < rows; r0 += kTc) {
+  for (int64_t r0 = 0; r0 < std::max<int64_t>(rows, 1); r0 += kTc) {
     const int64_t rc = std::min(kTc, rows - r0);
-    pack(d + r0 * d_row, d_row, d_col, rc, mb, MR, square, w.dpack.data());
-    pack(x + r0 * x_row, x_row, x_col, rc, kb, NR, square, w.xpack.data());
-    for (int64_t i = 0; i * MR < mb; ++i)
-      for (int64_t j = 0; j * NR < kb; ++j)
-        micro(rc, w.dpack.data() + i * rc * MR, w.xpack.data() + j * rc * NR, w.g.data() + i * MR * kKb + j * NR,
-              kKb, r0 > 0);
+    if (rc > 0) {
+      pack(d + r0 * d_row, d_row, d_col, rc, mb, MR, square, w.dpack.data());
+      pack(x + r0 * x_row, x_row, x_col, rc, kb, NR, square, w.xpack.data());
+    }
+    const bool last = r0 + kTc >= rows;
+    for (int64_t j = 0; j * NR < kb; ++j)
+      for (int64_t i = 0; i * MR < mb; ++i) {
+        if (rc > 0)
+          micro(rc, w.dpack.data() + i * rc * MR, w.xpack.data() + j * rc * NR, w.g.data() + i * MR * ldg + j * NR,
+                ldg, r0 > 0);
+        if (last) tile_done(i * MR, j * NR);
+      }
   }
 }
 
@@ -237,66 +269,73 @@ void run(const FisherArgs& a) {
   const In* x = static_cast<const In*>(a.x);
   const In* d = static_cast<const In*>(a.d);
   const Microkernel micro = pick_microkernel();
-  const int64_t mblocks = (a.m + kMb - 1) / kMb, kblocks = (a.k + kKb - 1) / kKb;
   const int threads = omp_get_max_threads();
+  const Blocking blk = choose_blocks(a.m, a.k, threads);
   const bool per_token = a.t != 1;
   // Per-thread partial squared norms: no atomics, and each thread sums in a fixed order.
   std::vector<double> partial(a.sq_norms && per_token ? static_cast<size_t>(threads) * a.n : 0, 0.0);
 
-  // Samples are the outer loop and output blocks the inner one, so each sample's X_n
-  // and D_n are read from memory once and then reused from cache by every block.
-  // Each thread owns a fixed range of blocks: no two threads write one block, so no
-  // barrier per sample is needed (barriers stall when other processes share the cores).
 #pragma omp parallel
   {
     Workspace w;
-    double* sq = partial.empty() ? nullptr : partial.data() + static_cast<size_t>(omp_get_thread_num()) * a.n;
-    auto store = [&](int64_t m0, int64_t k0, int64_t mb, int64_t kb, bool square, bool f_add, bool g_add,
-                     bool fisher, bool grad) {
-      const float* g = w.g.data();
+    const int64_t ldg = blk.bk;
+    // Writes the valid part of the G tile at block offset (r, c) of block (m0, k0) into
+    // the outputs: the Fisher gets G^2 (or G when the packing already squared).
+    auto store_tile = [&](int64_t m0, int64_t k0, int64_t mb, int64_t kb, int64_t r, int64_t c, bool square,
+                          bool f_add, bool g_add, bool fisher, bool grad) {
+      const int64_t tm = std::min(MR, mb - r), tk = std::min(NR, kb - c);
+      const float* g = w.g.data() + r * ldg + c;
       if (fisher && a.fisher)
-        store_output(g, kKb, a.fisher, a.fisher_f64, a.k, m0, k0, mb, kb, square, a.fisher_accumulate || f_add);
+        store_output(g, ldg, a.fisher, a.fisher_f64, a.k, m0 + r, k0 + c, tm, tk, square,
+                     a.fisher_accumulate || f_add);
       if (grad && a.grad_weight)
-        store_output(g, kKb, a.grad_weight, a.grad_f64, a.k, m0, k0, mb, kb, false, a.grad_accumulate || g_add);
+        store_output(g, ldg, a.grad_weight, a.grad_f64, a.k, m0 + r, k0 + c, tm, tk, false,
+                     a.grad_accumulate || g_add);
     };
     if (per_token) {
-      const int64_t blocks = mblocks * kblocks, nth = omp_get_num_threads(), tid = omp_get_thread_num();
+      // Samples are the outer loop, so each sample's X_n and D_n are read from memory
+      // once per block row / column and then reused from cache. Each thread owns a fixed
+      // range of blocks: no two threads write one block, so no barrier per sample is
+      // needed (barriers stall when other processes share the cores).
+      double* sq = partial.empty() ? nullptr : partial.data() + static_cast<size_t>(omp_get_thread_num()) * a.n;
+      const int64_t blocks = blk.mblocks * blk.kblocks, nth = omp_get_num_threads(), tid = omp_get_thread_num();
       const int64_t b_begin = blocks * tid / nth, b_end = blocks * (tid + 1) / nth;
       for (int64_t n = 0; n < std::max<int64_t>(a.n, 1); ++n) {
+        const bool empty = a.n == 0;  // nothing to sum: still define the written outputs (as zeros)
         for (int64_t b = b_begin; b < b_end; ++b) {
-          const int64_t m0 = b / kblocks * kMb, k0 = b % kblocks * kKb;
-          const int64_t mb = std::min(kMb, a.m - m0), kb = std::min(kKb, a.k - k0);
-          if (a.n == 0) {  // nothing to sum: still define the written outputs (as zeros)
-            std::fill(w.g.begin(), w.g.end(), 0.0f);
-            store(m0, k0, mb, kb, false, false, false, true, true);
-            continue;
-          }
+          const int64_t m0 = b / blk.kblocks * blk.bm, k0 = b % blk.kblocks * blk.bk;
+          const int64_t mb = std::min(blk.bm, a.m - m0), kb = std::min(blk.bk, a.k - k0);
           accumulate_rows(micro, w, d + n * a.ds_n + m0 * a.ds_m, a.ds_t, a.ds_m, x + n * a.xs_n + k0 * a.xs_k,
-                          a.xs_t, a.xs_k, a.t, mb, kb, false);
-          store(m0, k0, mb, kb, true, n > 0, n > 0, true, true);
-          if (sq) sq[n] += block_sq_sum(w.g.data(), kKb, mb, kb);
+                          a.xs_t, a.xs_k, empty ? 0 : a.t, mb, kb, ldg, false, [&](int64_t r, int64_t c) {
+                            store_tile(m0, k0, mb, kb, r, c, !empty, n > 0, n > 0, true, true);
+                            if (sq && !empty)
+                              sq[n] += block_sq_sum(w.g.data() + r * ldg + c, ldg, std::min(MR, mb - r),
+                                                    std::min(NR, kb - c));
+                          });
         }
       }
     } else {
 #pragma omp for collapse(2) schedule(dynamic)
-      for (int64_t bi = 0; bi < mblocks; ++bi) {
-        for (int64_t bj = 0; bj < kblocks; ++bj) {
-          const int64_t m0 = bi * kMb, k0 = bj * kKb;
-          const int64_t mb = std::min(kMb, a.m - m0), kb = std::min(kKb, a.k - k0);
-          // One chunk of kTc samples per pass, stored in the output's dtype, so that
+      for (int64_t bi = 0; bi < blk.mblocks; ++bi) {
+        for (int64_t bj = 0; bj < blk.kblocks; ++bj) {
+          const int64_t m0 = bi * blk.bm, k0 = bj * blk.bk;
+          const int64_t mb = std::min(blk.bm, a.m - m0), kb = std::min(blk.bk, a.k - k0);
+          // Chunks of kSampleChunk samples, each stored in the output's dtype, so that
           // float64 outputs accumulate the sum over samples in double here too.
-          for (int64_t r0 = 0; r0 < std::max<int64_t>(a.n, 1); r0 += kTc) {
-            const int64_t rc = std::min(kTc, a.n - r0);
+          for (int64_t r0 = 0; r0 < std::max<int64_t>(a.n, 1); r0 += kSampleChunk) {
+            const int64_t rc = std::min(kSampleChunk, a.n - r0);
             const In* db = d + r0 * a.ds_n + m0 * a.ds_m;
             const In* xb = x + r0 * a.xs_n + k0 * a.xs_k;
-            if (a.fisher) {
-              accumulate_rows(micro, w, db, a.ds_n, a.ds_m, xb, a.xs_n, a.xs_k, rc, mb, kb, true);
-              store(m0, k0, mb, kb, false, r0 > 0, false, true, false);
-            }
-            if (a.grad_weight) {
-              accumulate_rows(micro, w, db, a.ds_n, a.ds_m, xb, a.xs_n, a.xs_k, rc, mb, kb, false);
-              store(m0, k0, mb, kb, false, false, r0 > 0, false, true);
-            }
+            if (a.fisher)
+              accumulate_rows(micro, w, db, a.ds_n, a.ds_m, xb, a.xs_n, a.xs_k, rc, mb, kb, ldg, true,
+                              [&](int64_t r, int64_t c) {
+                                store_tile(m0, k0, mb, kb, r, c, false, r0 > 0, false, true, false);
+                              });
+            if (a.grad_weight)
+              accumulate_rows(micro, w, db, a.ds_n, a.ds_m, xb, a.xs_n, a.xs_k, rc, mb, kb, ldg, false,
+                              [&](int64_t r, int64_t c) {
+                                store_tile(m0, k0, mb, kb, r, c, false, false, r0 > 0, false, true);
+                              });
           }
         }
       }
