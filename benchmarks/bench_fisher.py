@@ -2,8 +2,8 @@
 over samples, against the baselines a user would pick, in the same run:
 
   floor       plain forward + backward (no per-sample anything)
-  ours        forward + backward through fqkernels.linear_with_fisher (dW and the Fisher
-              from one kernel pass) / conv2d_per_sample_fisher after the backward
+  ours        forward + backward through fqkernels.linear_with_fisher / conv2d_with_fisher
+              (the backward's dW and the Fisher come from one per-sample pass)
   torch.func  vmap(grad) per-sample gradients, squared and summed
   backpack    BackPACK SumGradSquared (no nn.MultiheadAttention support)
   opacus      Opacus GradSampleModule grad_sample, squared and summed
@@ -118,13 +118,13 @@ def make_runner(case, method):
                 fisher = torch.zeros_like(model.weight)
                 (linear_with_fisher(inputs[0], model.weight, model.bias, fisher, bd) * r).sum().backward()
                 return fisher
-        else:  # conv: the layer's input and output gradient, then the chunked kernel
+        else:  # conv: dW and the Fisher from one pass in the backward, like the linear case
             def run():
                 model.zero_grad(set_to_none=True)
-                y = model(*inputs)
-                y.retain_grad()
+                fisher = torch.zeros_like(model.weight)
+                y = fk.conv2d_with_fisher(inputs[0], model.weight, model.bias, fisher, 1, 1)
                 (y * r).sum().backward()
-                return fk.conv2d_per_sample_fisher(inputs[0], y.grad, tuple(model.weight.shape), 1, 1)
+                return fisher
         return run
     if method == "torch.func":
         params = {k: v.detach() for k, v in model.named_parameters()}

@@ -5,6 +5,8 @@
     y = fk.quant_linear(x, weight, bias, w_scale=..., a_scale=..., w_bits=4, a_bits=8)
     fk.per_sample_fisher(x, grad_out, batch_dim=0)   # [out, in]: sum_n (D_n^T X_n)^2
     fk.conv2d_per_sample_fisher(x, grad_out, weight_shape, stride, padding, dilation, groups)
+    y = fk.linear_with_fisher(x, weight, bias, fisher)  # backward: dW and the Fisher, one pass
+    y = fk.conv2d_with_fisher(x, weight, bias, fisher, stride, padding, dilation, groups)
 
 Backends: reference (pure PyTorch), cpu (C++/OpenMP), triton, cuda; see
 ``available_backends()`` and ``backend_for(op, tensor)``; ``FQ_BACKEND`` forces one.
@@ -12,13 +14,14 @@ Backends: reference (pure PyTorch), cpu (C++/OpenMP), triton, cuda; see
 from fqkernels import reference
 from fqkernels.backends import available_backends, backend_for
 from fqkernels.composite import differentiable
+from fqkernels.conv_fisher import conv2d_per_sample_fisher, conv2d_with_fisher
 from fqkernels.fake_quant import fake_quant, lsq_grad_factor
-from fqkernels.fisher import conv2d_per_sample_fisher, linear_with_fisher, per_sample_fisher, per_sample_sq_norms
+from fqkernels.fisher import linear_with_fisher, per_sample_fisher, per_sample_sq_norms
 from fqkernels.quant_linear import quant_linear
 from fqkernels.quant_matmul import quant_matmul
 
 __all__ = [
-    "available_backends", "backend_for", "conv2d_per_sample_fisher", "differentiable", "fake_quant",
-    "linear_with_fisher", "lsq_grad_factor", "per_sample_fisher", "per_sample_sq_norms", "quant_linear",
+    "available_backends", "backend_for", "conv2d_per_sample_fisher", "conv2d_with_fisher", "differentiable",
+    "fake_quant", "linear_with_fisher", "lsq_grad_factor", "per_sample_fisher", "per_sample_sq_norms", "quant_linear",
     "quant_matmul", "reference",
 ]

@@ -192,6 +192,37 @@ def test_conv2d_against_torch_func(backend, cfg, chunk_bytes):
     assert rel_err(f, conv_oracle(conv, x, grad_out)) < RTOL
 
 
+@pytest.mark.parametrize("cfg", CONVS)
+@pytest.mark.parametrize("chunk_bytes", [1 << 30, 64])  # unfolded chunks / torch's per-sample weight gradient
+def test_conv2d_with_fisher_matches_autograd(cfg, chunk_bytes):
+    n, c, o, h, w, k, s, p, dil, groups = cfg
+    conv = torch.nn.Conv2d(c, o, k, s, p, dil, groups)
+    x = torch.randn(n, c, h, w, requires_grad=True)
+    r = torch.randn_like(conv(x))
+    (conv(x) * r).sum().backward()
+    expected = [x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()]
+    x.grad = None
+    conv.zero_grad()
+    fisher = torch.zeros_like(conv.weight)
+    y = fk.conv2d_with_fisher(x, conv.weight, conv.bias, fisher, s, p, dil, groups, chunk_bytes=chunk_bytes)
+    assert torch.equal(y, conv(x))
+    (y * r).sum().backward()
+    # dW comes from per-sample sums (another order of the same fp32 additions): RTOL as above.
+    for got, want in zip([x.grad, conv.weight.grad, conv.bias.grad], expected):
+        assert rel_err(got, want) < RTOL
+    assert rel_err(fisher, conv_oracle(conv, x.detach(), r)) < RTOL
+
+
+def test_conv2d_with_fisher_bad_inputs():
+    w, f = torch.randn(4, 3, 3, 3), torch.zeros(4, 3, 3, 3)
+    with pytest.raises(ValueError, match="x: expected 3 channels"):
+        fk.conv2d_with_fisher(torch.randn(2, 5, 8, 8), w, None, f)
+    with pytest.raises(ValueError, match="fisher"):
+        fk.conv2d_with_fisher(torch.randn(2, 3, 8, 8), w, None, torch.zeros(4, 3, 3))
+    with pytest.raises(ValueError, match="groups"):
+        fk.conv2d_with_fisher(torch.randn(2, 3, 8, 8), w, None, f, groups=3)
+
+
 def test_bad_inputs_name_the_argument():
     x, d = torch.randn(2, 3, 4), torch.randn(2, 3, 5)
     cases = [
