@@ -26,7 +26,10 @@ import fqkernels as fk
 from fqdetr.io import atomic_torch_save
 from fqdetr.quant import QuantConv2d, QuantLinear, QuantMultiheadAttention
 from fqdetr.quant.modules import samples_first
-from fqkernels import reference
+
+# Modules whose own backward accumulates into ``fisher_accumulator`` (from the pass that
+# produces their weight gradient); other Linear / Conv2d / MultiheadAttention get hooks.
+_FUSED = (QuantLinear, QuantConv2d, QuantMultiheadAttention)
 
 _LAYERS = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
 
@@ -92,19 +95,19 @@ class FisherCollector:
             h.remove()
         self._handles = []
         for module in self.modules.values():
-            if isinstance(module, (QuantLinear, QuantMultiheadAttention)):
+            if isinstance(module, _FUSED):
                 module.fisher_accumulator = None
         return False
 
     def _attach(self, name, module):
         bd = self._batch_dim(name, module)
-        if isinstance(module, (QuantLinear, QuantMultiheadAttention)):
+        if isinstance(module, _FUSED):
             # The module's backward adds into the buffer (fused, or by hooks while fake
             # quantization is off); here we only count the samples that reach it.
             module.fisher_accumulator = self.sums[name]
             module.fisher_batch_dim = bd
-            n_of = (lambda args: args[0].shape[bd]) if isinstance(module, QuantLinear) else \
-                (lambda args: args[0].shape[0 if module.batch_first else 1])
+            n_of = (lambda args: args[0].shape[0 if module.batch_first else 1]) \
+                if isinstance(module, QuantMultiheadAttention) else (lambda args: args[0].shape[bd])
             self._handles.append(module.register_forward_hook(
                 lambda m, args, out: self._count_on_backward(name, out, n_of(args))))
             if isinstance(module, QuantMultiheadAttention):
@@ -124,15 +127,9 @@ class FisherCollector:
             out.register_hook(lambda g: self._accumulate(name, module, x, g, bd))
 
     def _accumulate(self, name, module, x, grad_out, bd):
-        if isinstance(module, QuantConv2d) and module.fake_quant_enabled:
-            # The convolution ran on Qa(x) and Qw(W); the latent weight's gradient is masked.
-            wq = module.weight_quantizer
-            with torch.no_grad():
-                xq = module.input_quantizer(x) if module.input_quantizer is not None else x
-            mask = reference.ste_mask(module.weight.detach(), wq.scale.detach(), wq.bits, True, axis=0)
-            self.sums[name] += mask * _conv_fisher(module, xq, grad_out, self.dtype)
-        elif isinstance(module, nn.Conv2d):
-            _conv_fisher(module, x, grad_out, self.dtype, out=self.sums[name])
+        if isinstance(module, nn.Conv2d):
+            fk.conv2d_per_sample_fisher(x, grad_out, module.weight.shape, module.stride, module.padding,
+                                        module.dilation, module.groups, dtype=self.dtype, out=self.sums[name])
         else:
             self.sums[name] += fk.per_sample_fisher(samples_first(x, bd), samples_first(grad_out, bd),
                                                     dtype=self.dtype)
@@ -206,9 +203,3 @@ class FisherCollector:
 class _LoadedFisher(FisherCollector):
     def __init__(self, sums, counts):  # noqa: D107 - a saved state, not attached to a model
         self.sums, self.counts, self.dtype, self._handles = sums, counts, next(iter(sums.values())).dtype, []
-
-
-def _conv_fisher(module, x, grad_out, dtype, out=None):
-    """Per-sample Fisher of a Conv2d's weight (fqkernels' chunked implicit unfold)."""
-    return fk.conv2d_per_sample_fisher(x, grad_out, module.weight.shape, module.stride, module.padding,
-                                       module.dilation, module.groups, dtype=dtype, out=out)

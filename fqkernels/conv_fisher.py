@@ -112,9 +112,9 @@ class _Conv2dWithFisher(torch.autograd.Function):
     so collecting it replaces the weight-gradient convolution instead of adding one."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, fisher, stride, padding, dilation, groups, chunk_bytes, backend):
+    def forward(ctx, x, weight, bias, fisher, fisher_mask, stride, padding, dilation, groups, chunk_bytes, backend):
         ctx.save_for_backward(x, weight)
-        ctx.conv = (stride, padding, dilation, groups)
+        ctx.conv, ctx.fisher_mask = (stride, padding, dilation, groups), fisher_mask
         ctx.fisher, ctx.chunk_bytes, ctx.backend, ctx.has_bias = fisher, chunk_bytes, backend, bias is not None
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
@@ -126,20 +126,29 @@ class _Conv2dWithFisher(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad_y, stride, padding, dilation, groups)
         grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
-        _accumulate(x, grad_y, tuple(weight.shape), stride, padding, dilation, groups, ctx.fisher, grad_w,
+        mask = ctx.fisher_mask
+        fisher = ctx.fisher if mask is None else torch.zeros_like(ctx.fisher)
+        _accumulate(x, grad_y, tuple(weight.shape), stride, padding, dilation, groups, fisher, grad_w,
                     ctx.chunk_bytes, ctx.backend)
+        if mask is not None:
+            ctx.fisher.addcmul_(fisher, mask.to(fisher.dtype))
         grad_b = grad_y.sum((0, 2, 3)).to(weight.dtype) if ctx.has_bias else None
-        return grad_x, grad_w.to(weight.dtype), grad_b, None, None, None, None, None, None, None
+        return grad_x, grad_w.to(weight.dtype), grad_b, None, None, None, None, None, None, None, None
 
 
-def conv2d_with_fisher(x, weight, bias, fisher, stride=1, padding=0, dilation=1, groups=1,
+def conv2d_with_fisher(x, weight, bias, fisher, stride=1, padding=0, dilation=1, groups=1, fisher_mask=None,
                        chunk_bytes=DEFAULT_CHUNK_BYTES, backend=None):
     """F.conv2d (x [N, C, H, W], weight [O, C/groups, kh, kw]) whose backward also adds
     sum_n G_n^2 into ``fisher`` (float32/float64, weight's shape) in the same pass that
     produces the weight gradient: the convolution counterpart of ``linear_with_fisher``.
-    The loss must be a sum of per-sample losses."""
+    The loss must be a sum of per-sample losses. ``fisher_mask`` (weight's shape): added
+    as mask * sum_n G_n^2, e.g. the straight-through mask when ``weight`` is a fake-
+    quantized copy of the latent weight whose Fisher is wanted."""
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     checks.check_tensor(weight, "weight", dim=4)
     _check_input(x, tuple(weight.shape), groups)
     _check_out(fisher, "fisher", tuple(weight.shape), x)
-    return _Conv2dWithFisher.apply(x, weight, bias, fisher, stride, padding, dilation, groups, chunk_bytes, backend)
+    if fisher_mask is not None and tuple(fisher_mask.shape) != tuple(weight.shape):
+        raise ValueError(f"fisher_mask: expected weight's shape {list(weight.shape)}, got {list(fisher_mask.shape)}")
+    return _Conv2dWithFisher.apply(x, weight, bias, fisher, fisher_mask, stride, padding, dilation, groups,
+                                   chunk_bytes, backend)

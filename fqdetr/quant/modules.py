@@ -4,15 +4,17 @@ They keep the float module's parameter names (``weight``, ``bias``), so a float
 checkpoint loads into a quantized model and vice versa, and add
 ``weight_quantizer.scale`` [out] and ``input_quantizer.scale`` [1].
 
-QuantLinear runs the fused ``fqkernels.quant_linear`` (and accumulates per-sample
-Fisher in its backward when a collector sets ``fisher_accumulator``). QuantConv2d
-fake-quantizes both operands with the elementwise ``fqkernels.fake_quant`` kernel
-and then calls the framework's convolution (no fused quantized convolution yet).
+QuantLinear runs the fused ``fqkernels.quant_linear``. QuantConv2d fake-quantizes both
+operands with the elementwise ``fqkernels.fake_quant`` kernel and then calls the
+framework's convolution (no fused quantized convolution yet). Both accumulate the
+per-sample Fisher in their backward, from the pass that produces the weight gradient,
+when a collector sets ``fisher_accumulator``.
 """
 import torch.nn.functional as F
 from torch import nn
 
 import fqkernels as fk
+from fqkernels import reference
 from fqdetr.quant.config import LayerQuantConfig
 from fqdetr.quant.quantizer import Quantizer
 
@@ -119,6 +121,7 @@ class QuantConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         self.quant_config = config or LayerQuantConfig()
         _make_quantizers(self, self.quant_config, self.out_channels)
+        self.fisher_accumulator = None  # [out, in/groups, kh, kw], set by fqdetr.FisherCollector
 
     @classmethod
     def from_float(cls, conv, config=None):
@@ -139,8 +142,15 @@ class QuantConv2d(nn.Conv2d):
         return conv
 
     def forward(self, x):
-        if not self.fake_quant_enabled:
-            return super().forward(x)
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
-        return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
+        fisher, mask, w = self.fisher_accumulator, None, self.weight
+        if self.fake_quant_enabled:
+            if self.input_quantizer is not None:
+                x = self.input_quantizer(x)
+            wq = self.weight_quantizer
+            if fisher is not None:  # the latent weight's gradient is Qw(W)'s times the STE mask
+                mask = reference.ste_mask(w.detach(), wq.scale.detach(), wq.bits, True, axis=0)
+            w = wq(w)
+        if fisher is None:
+            return self._conv_forward(x, w, self.bias)
+        return fk.conv2d_with_fisher(x, w, self.bias, fisher, self.stride, self.padding, self.dilation, self.groups,
+                                     fisher_mask=mask)
