@@ -26,7 +26,8 @@ def _param(name):
 
 
 BACKENDS = [_param(b) for b in ("reference", "cpu", "triton", "cuda")]
-DEVICE = {"cuda": "cuda"}
+# cuda runs on CUDA tensors; triton too where a GPU is and the interpreter is off.
+DEVICE = {"cuda": "cuda", **({"triton": "cuda"} if HAS_GPU and os.environ.get("TRITON_INTERPRET") != "1" else {})}
 
 # Tolerance: relative to the largest entry, 1e-5. Each per-sample gradient entry is an
 # fp32 dot product of T terms accumulated in fp32 (blocked, FMA): its error is at most

@@ -140,13 +140,17 @@ def test_cpu_integer_path_is_exact(a_bits, a_signed):
     assert ((y.double() - exact).abs() <= exact.abs() * 2 * EPS + 1e-45).all()
 
 
-@pytest.mark.skipif("cpu" not in AVAILABLE, reason="fqkernels._cpu not built")
-def test_cpu_nan_input_takes_float_path():
+@pytest.mark.parametrize("backend", [_backend("cpu"), _backend("triton"), _backend("cuda")])
+def test_nan_operands_on_the_integer_path(backend):
+    """W4A8 signed takes the exact int8 path, whose codes cannot hold NaN: a NaN activation
+    must still poison its output row and a NaN weight its column, as in the reference."""
     x, weight, bias, w_scale, a_scale = _inputs((7,), 33, 5, 4, 8, True, True)
-    x[3, 4] = float("nan")
-    y = fk.quant_linear(x, weight, bias, w_scale, a_scale, 4, 8, backend="cpu")
+    x[3, 4], weight[2, 7] = float("nan"), float("nan")
+    dev = device_for(backend)
+    y = fk.quant_linear(*(t.to(dev) for t in (x, weight, bias, w_scale, a_scale)), 4, 8, backend=backend).cpu()
     ref = fk.quant_linear(x, weight, bias, w_scale, a_scale, 4, 8, backend="reference")
-    assert torch.equal(y.isnan(), ref.isnan()) and y[3].isnan().all()
+    assert torch.equal(y.isnan(), ref.isnan()) and y[3].isnan().all() and y[:, 2].isnan().all()
+    assert torch.isfinite(y[[0, 1, 2, 4, 5, 6]][:, [0, 1, 3, 4]]).all()
 
 
 @pytest.mark.parametrize("backend", [_backend("cpu"), _backend("triton"), _backend("cuda")])

@@ -12,10 +12,13 @@ read as the tokens of one sample with SQUARE_INPUTS, and G itself is the Fisher.
 
 Runs on CUDA and under TRITON_INTERPRET=1 on CPU tensors. Every load and store is masked.
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
+MAX_GRID_Y = 65535  # CUDA's limit on grid dimension y
 BLOCK_M = 32
 BLOCK_K = 32
 BLOCK_T = 16
@@ -26,16 +29,17 @@ def _fisher_kernel(x_ptr, d_ptr, f_ptr, g_ptr, sq_ptr, N, T, K, M, xs_n, xs_t, x
                    HAS_FISHER: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_SQ: tl.constexpr,
                    ACCUMULATE_FISHER: tl.constexpr, SQUARE_INPUTS: tl.constexpr, FISHER_F64: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    pid_k = tl.program_id(0)  # k on axis 0 (no launch limit there), m on axis 1 (at most 65535)
+    pid_m = tl.program_id(1)
+    # int64 offsets: offset * stride overflows int32 on tensors of 2^31 elements.
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     mask_m = offs_m < M
     mask_k = offs_k < K
     acc_dtype = tl.float64 if FISHER_F64 else tl.float32
     fisher = tl.zeros([BLOCK_M, BLOCK_K], dtype=acc_dtype)
     grad = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    tile = pid_m * tl.num_programs(1) + pid_k
+    tile = pid_m * tl.num_programs(0) + pid_k
     for n in range(0, N):
         x_base = x_ptr + tl.cast(n, tl.int64) * xs_n
         d_base = d_ptr + tl.cast(n, tl.int64) * ds_n
@@ -57,7 +61,7 @@ def _fisher_kernel(x_ptr, d_ptr, f_ptr, g_ptr, sq_ptr, N, T, K, M, xs_n, xs_t, x
             fisher += g.to(acc_dtype) * g.to(acc_dtype)
         grad += g
         if HAS_SQ:
-            tl.store(sq_ptr + tile * N + n, tl.sum(tl.sum(g * g, axis=1), axis=0))
+            tl.store(sq_ptr + tile.to(tl.int64) * N + n, tl.sum(tl.sum(g * g, axis=1), axis=0))
     out_offs = offs_m[:, None] * K + offs_k[None, :]
     out_mask = mask_m[:, None] & mask_k[None, :]
     if HAS_FISHER:
@@ -71,17 +75,22 @@ def _fisher_kernel(x_ptr, d_ptr, f_ptr, g_ptr, sq_ptr, N, T, K, M, xs_n, xs_t, x
 def _launch(x, d, view_x, view_d, fisher, grad_weight, sq_partial, accumulate_fisher, square_inputs):
     n, t, k, xs = view_x
     m, ds = view_d[2], view_d[3]
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(k, BLOCK_K))
+    grid = (triton.cdiv(k, BLOCK_K), triton.cdiv(m, BLOCK_M))
     if m == 0 or k == 0:  # empty output: nothing to launch
         return
+    if grid[1] > MAX_GRID_Y:
+        raise ValueError(f"grad_out: at most {BLOCK_M * MAX_GRID_Y} features, got {m}")
     dummy = x  # never dereferenced: its HAS_* flag is off
-    _fisher_kernel[grid](
-        x, d, dummy if fisher is None else fisher, dummy if grad_weight is None else grad_weight,
-        dummy if sq_partial is None else sq_partial, n, t, k, m, *xs, *ds,
-        HAS_FISHER=fisher is not None, HAS_GRAD=grad_weight is not None, HAS_SQ=sq_partial is not None,
-        ACCUMULATE_FISHER=accumulate_fisher, SQUARE_INPUTS=square_inputs,
-        FISHER_F64=fisher is not None and fisher.dtype == torch.float64,
-        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_T=BLOCK_T)
+    # On x's GPU (triton launches on the current device); FMA contraction on: no rounding
+    # step here needs to match the reference bit for bit, and it is the more accurate.
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _fisher_kernel[grid](
+            x, d, dummy if fisher is None else fisher, dummy if grad_weight is None else grad_weight,
+            dummy if sq_partial is None else sq_partial, n, t, k, m, *xs, *ds,
+            HAS_FISHER=fisher is not None, HAS_GRAD=grad_weight is not None, HAS_SQ=sq_partial is not None,
+            ACCUMULATE_FISHER=accumulate_fisher, SQUARE_INPUTS=square_inputs,
+            FISHER_F64=fisher is not None and fisher.dtype == torch.float64,
+            BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_T=BLOCK_T, enable_fp_fusion=True)
 
 
 def _view(t, batch_dim):

@@ -17,6 +17,9 @@ Rounding is round-half-even by the 1.5 * 2^23 trick (no libdevice rint), and ker
 are compiled with enable_fp_fusion=False so x * inv_scale is rounded before the
 trick's addition, as in the reference (an FMA would round differently at ties).
 """
+import contextlib
+
+import torch
 import triton
 import triton.language as tl
 
@@ -33,13 +36,16 @@ def _codes(v, inv, qmin, qmax):
 
 @triton.jit
 def _prologue(v, scale, inv, qmin, qmax, QUANT: tl.constexpr, INT_DOT: tl.constexpr):
-    """An operand tile as the dot consumes it: int8 codes, fake-quant values, or as loaded."""
+    """An operand tile as the dot consumes it: int8 codes, fake-quant values, or as loaded.
+    One return: the compiler reads every constexpr branch's return, and their types differ."""
+    r = v
     if QUANT:
         q = _codes(v, inv, qmin, qmax)
         if INT_DOT:
-            return q.to(tl.int8)
-        return q * scale
-    return v
+            r = q.to(tl.int8)
+        else:
+            r = q * scale
+    return r
 
 
 @triton.jit
@@ -80,10 +86,11 @@ def quant_gemm_kernel(
     HAS_BIAS: tl.constexpr, STE: tl.constexpr, E_PER_ROW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m, pid_n, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    # int64 offsets: offset * stride overflows int32 on tensors of 2^31 elements.
+    pid_m, pid_n, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     a_base = a_ptr + pid_z * stride_az + offs_m[:, None] * stride_am
     b_base = b_ptr + pid_z * stride_bz + offs_n[None, :] * stride_bn
     a_scale, a_inv, b_scale, b_inv = 1.0, 1.0, 1.0, 1.0
@@ -96,17 +103,25 @@ def quant_gemm_kernel(
             b_scale = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=1.0)[None, :]
             b_inv = tl.load(b_inv_ptr + offs_n, mask=offs_n < N, other=1.0)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if INT_DOT else tl.float32)
+    # Integer path: an int8 code cannot hold NaN, so rows of A / columns of B that hold one
+    # are flagged and their outputs set to NaN, as the float product would make them.
+    a_nan = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    b_nan = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         a = tl.load(a_base + k[None, :] * stride_ak, mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
         b = tl.load(b_base + k[:, None] * stride_bk, mask=(k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
-        a = _prologue(a.to(tl.float32), a_scale, a_inv, a_qmin, a_qmax, QUANT_A, INT_DOT)
+        a, b = a.to(tl.float32), b.to(tl.float32)
+        if INT_DOT:
+            a_nan = tl.maximum(a_nan, tl.max((a != a).to(tl.int32), axis=1))
+            b_nan = tl.maximum(b_nan, tl.max((b != b).to(tl.int32), axis=0))
+        a = _prologue(a, a_scale, a_inv, a_qmin, a_qmax, QUANT_A, INT_DOT)
         if QUANT_B and B_SCALE == 2:  # per-k scales (dX = dY Qw(W)): new names, not loop-carried
             bs = tl.load(b_scale_ptr + k, mask=k < K, other=1.0)[:, None]
             bi = tl.load(b_inv_ptr + k, mask=k < K, other=1.0)[:, None]
-            b = _prologue(b.to(tl.float32), bs, bi, b_qmin, b_qmax, QUANT_B, INT_DOT)
+            b = _prologue(b, bs, bi, b_qmin, b_qmax, QUANT_B, INT_DOT)
         else:
-            b = _prologue(b.to(tl.float32), b_scale, b_inv, b_qmin, b_qmax, QUANT_B, INT_DOT)
+            b = _prologue(b, b_scale, b_inv, b_qmin, b_qmax, QUANT_B, INT_DOT)
         if INT_DOT:
             acc += tl.dot(a, b, out_dtype=tl.int32)
         else:  # "ieee": no TF32 on the GPU, the float path must match the reference
@@ -115,6 +130,7 @@ def quant_gemm_kernel(
     y = acc.to(tl.float32)
     if INT_DOT:
         y = y * (a_scale * b_scale)
+        y = tl.where((a_nan[:, None] + b_nan[None, :]) > 0, float("nan"), y)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     c_offs = pid_z * stride_cz + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -122,6 +138,9 @@ def quant_gemm_kernel(
         y = _ste_epilogue(y, offs_m, offs_m < M, mask, e_ptr, c_offs, e_scale_ptr, e_inv_ptr, e_qmin, e_qmax,
                           grad_factor, grad_scale_ptr, E_PER_ROW)
     tl.store(c_ptr + c_offs, y, mask=mask)
+
+
+MAX_GRID_YZ = 65535  # CUDA's limit on grid dimensions y and z
 
 
 def _grid(M, N, Z, meta):
@@ -137,22 +156,33 @@ def quant_gemm(a, b, out, qa=None, qb=None, b_scale=SCALE_TENSOR, bias=None, ste
     """
     Z, M, K = a.shape
     N = b.shape[2]
-    int_dot = use_int_dot(qa, qb, K, b_scale)
+    if triton.cdiv(N, 64) > MAX_GRID_YZ:
+        raise ValueError(f"b: at most {64 * MAX_GRID_YZ} columns, got {N}")
     e, qe, per_row, grad_factor, grad_scale = ste if ste is not None else (out, None, False, 1.0, out)
     if e.stride() != out.stride():
         raise ValueError("ste: expected e with the strides of out")
-    unused = out  # pointer arguments behind a false constexpr flag are never read
     qa_, qb_, qe_ = (q or Quant.identity(a.device) for q in (qa, qb, qe))
+    for z0 in range(0, Z, MAX_GRID_YZ):  # batches beyond the grid's z limit: one launch per slice
+        z = slice(z0, z0 + MAX_GRID_YZ)
+        with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():  # launch on a's GPU
+            _launch(a[z], b[z], out[z], qa, qb, qa_, qb_, qe_, b_scale, bias, ste is not None, e[z], per_row,
+                    grad_factor, grad_scale)
+    return out
+
+
+def _launch(a, b, out, qa, qb, qa_, qb_, qe_, b_scale, bias, ste, e, per_row, grad_factor, grad_scale):
+    (Z, M, K), N = a.shape, b.shape[2]
+    int_dot = use_int_dot(qa, qb, K, b_scale)
+    unused = out  # pointer arguments behind a false constexpr flag are never read
     quant_gemm_kernel[lambda meta: _grid(M, N, Z, meta)](
         a, b, out, M, N, K, *a.stride(), *b.stride(), *out.stride(),
         qa_.scale, qa_.inv, qa_.qmin, qa_.qmax, qb_.scale, qb_.inv, qb_.qmin, qb_.qmax,
         unused if bias is None else bias,
         e, qe_.scale, qe_.inv, qe_.qmin, qe_.qmax, grad_factor, grad_scale,
         QUANT_A=qa is not None, QUANT_B=qb is not None, B_SCALE=b_scale, INT_DOT=int_dot,
-        HAS_BIAS=bias is not None, STE=ste is not None, E_PER_ROW=per_row,
+        HAS_BIAS=bias is not None, STE=ste, E_PER_ROW=per_row,
         BLOCK_M=64, BLOCK_N=64, BLOCK_K=64 if int_dot else 32, num_warps=4, enable_fp_fusion=False,
     )
-    return out
 
 
 QUANT_LINEAR = QuantLinear(quant_gemm)
