@@ -44,11 +44,24 @@ def test_backend_matches_reference(backend, case):
         a = a.abs()
     if not b_signed:
         b = b.abs()
+    _compare_with_reference(backend, a, b, case)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_key_attention(backend):
+    """Q K^T with one key: K^T of k [B, 1, D] is a contiguous [B, D, 1] view whose size-1
+    dimension has a non-canonical stride, which DLPack passes on as it is."""
+    q, k = torch.randn(2, 7, 33), torch.randn(2, 1, 33)
+    _compare_with_reference(backend, q, k.transpose(1, 2), ((2, 7, 33), (2, 33, 1), 8, 8, True, True))
+
+
+def _compare_with_reference(backend, a, b, case):
+    a_bits, b_bits = case[2], case[3]
     sa, sb = torch.tensor([2.0 / 2**a_bits]), torch.tensor([2.5 / 2**b_bits])
     grad_y = torch.randn(torch.matmul(a, b).shape)
     got = _run(backend, a, b, sa, sb, case, grad_y)
     ref = _run("reference", a, b, sa, sb, case, grad_y)
-    K = a_shape[-1]
+    K = a.shape[-1]
     mag = (a.abs().max() * b.abs().max()).item() * K
     # Forward: two float32 (or one exact integer) products of the same quantized operands,
     # each within (K + 2) roundoffs of sum |a_i b_i| <= mag.

@@ -38,6 +38,7 @@ void fake_quant_forward(py::object x_, py::object scale_, py::object out_, int b
                         std::optional<int64_t> axis, uintptr_t stream) {
   fq::require_bits(bits, "bits");
   TensorArg x = cuda_tensor(x_, "x", kFloat);
+  const fq::cuda::DeviceGuard guard(x.device_id);
   TensorArg scale = cuda_tensor(scale_, "scale", {DType::f32});
   TensorArg out = cuda_tensor(out_, "out", kFloat);
   require_same_device(x, scale);
@@ -55,6 +56,7 @@ void fake_quant_backward(py::object grad_y_, py::object x_, py::object scale_, p
                          float grad_factor, uintptr_t stream) {
   fq::require_bits(bits, "bits");
   TensorArg x = cuda_tensor(x_, "x", kFloat);
+  const fq::cuda::DeviceGuard guard(x.device_id);
   TensorArg grad_y = cuda_tensor(grad_y_, "grad_y", kFloat);
   TensorArg grad_x = cuda_tensor(grad_x_, "grad_x", kFloat);
   TensorArg scale = cuda_tensor(scale_, "scale", {DType::f32});
@@ -104,6 +106,7 @@ void quant_gemm(py::object a_, py::object b_, py::object out_, bool quant_a, py:
                 int e_bits, bool e_signed, bool e_per_row, float grad_factor,
                 std::optional<py::object> grad_scale_, uintptr_t stream) {
   TensorArg a = cuda_strided(a_, "a", kFloat, 3), b = cuda_strided(b_, "b", kFloat, 3);
+  const fq::cuda::DeviceGuard guard(a.device_id);
   TensorArg out = cuda_strided(out_, "out", {DType::f32}, 3);
   for (const TensorArg* t : {&b, &out}) require_same_device(a, *t);
   fq::require_same_dtype(a, b);
@@ -131,7 +134,9 @@ void quant_gemm(py::object a_, py::object b_, py::object out_, bool quant_a, py:
     require_same_device(a, e);
     fq::require_same_dtype(a, e);
     fq::require_shape(e, out.shape);
-    if (e.strides != out.strides) throw py::value_error("e: expected the strides of out");
+    for (int i = 0; i < 3; ++i)  // a size-1 dimension is only ever indexed at 0: its stride is free
+      if (out.shape[i] > 1 && e.strides[i] != out.strides[i])
+        throw py::value_error("e: expected the strides of out");
     p.e = e.data;
     p.qe = quant_operand(true, e_scale_, "e_scale", e_bits, e_signed, a, {e_per_row ? M : 1});
     if (!grad_scale_ || grad_scale_->is_none()) throw py::value_error("grad_scale: required with e");
@@ -182,6 +187,7 @@ void per_sample_fisher(py::object x_, py::object grad_out_, py::object fisher_, 
                        py::object sq_norms_, int64_t batch_dim, bool accumulate_fisher, bool accumulate_grad_weight,
                        uintptr_t stream) {
   TensorArg x = fisher_input(x_, "x");
+  const fq::cuda::DeviceGuard guard(x.device_id);
   TensorArg d = fisher_input(grad_out_, "grad_out");
   require_same_device(x, d);
   if (batch_dim != 0 && !(batch_dim == 1 && x.dim() == 3))

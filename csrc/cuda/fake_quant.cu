@@ -11,6 +11,16 @@
 #include "kernels.h"
 
 namespace fq::cuda {
+
+DeviceGuard::DeviceGuard(int device) {
+  if (cudaGetDevice(&previous_) != cudaSuccess || previous_ == device) previous_ = -1;
+  else if (cudaSetDevice(device) != cudaSuccess) previous_ = -1;
+}
+
+DeviceGuard::~DeviceGuard() {
+  if (previous_ >= 0) cudaSetDevice(previous_);
+}
+
 namespace {
 
 template <typename T> __device__ __forceinline__ float to_f(T v);

@@ -70,13 +70,19 @@ __global__ void __launch_bounds__(THREADS) fisher_kernel(PerSampleFisherArgs a) 
           for (int j = 0; j < 4; ++j) g[i][j] = fmaf(av[i], bv[j], g[i][j]);
       }
       __syncthreads();
+      if (Square) {  // G is the Fisher itself: move each slab's sum into FT (float64 when asked)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) f[i][j] += static_cast<FT>(g[i][j]), g[i][j] = 0.0f;
+      }
     }
     float s = 0.0f;  // padded entries hold g = 0 and add nothing
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        f[i][j] += Square ? static_cast<FT>(g[i][j]) : static_cast<FT>(g[i][j]) * static_cast<FT>(g[i][j]);
+        if (!Square) f[i][j] += static_cast<FT>(g[i][j]) * static_cast<FT>(g[i][j]);
         w[i][j] += g[i][j];
         s += g[i][j] * g[i][j];
       }
@@ -123,7 +129,7 @@ __global__ void __launch_bounds__(THREADS) rank1_sq_norms_kernel(PerSampleFisher
 
 template <bool Square>
 void launch(const PerSampleFisherArgs& a, cudaStream_t stream) {
-  const dim3 grid((a.k + BK - 1) / BK, (a.m + BM - 1) / BM);
+  const dim3 grid((a.k + BK - 1) / BK, (a.m + BM - 1) / BM);  // m on y: checked against 65535 by the caller
   if (a.fisher && a.fisher_f64) fisher_kernel<Square, double><<<grid, THREADS, 0, stream>>>(a);
   else fisher_kernel<Square, float><<<grid, THREADS, 0, stream>>>(a);
 }
@@ -142,6 +148,7 @@ const char* per_sample_fisher(const PerSampleFisherArgs& args, void* stream_hand
     if (err != cudaSuccess) return cudaGetErrorString(err);
   }
   if (args.m == 0 || args.k == 0) return last_error();
+  if ((args.m + BM - 1) / BM > 65535) return "per_sample_fisher: at most 4194240 output features (grid limit)";
   if (args.t != 1 || args.n == 0) {
     launch<false>(args, stream);
     return last_error();

@@ -9,6 +9,19 @@
 
 namespace fq::cuda {
 
+// Makes `device` current for the guard's lifetime (launches go to the current device,
+// whatever device the stream or pointers belong to), then restores the previous one.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device);
+  ~DeviceGuard();
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
 // dtype_code: 0 = float32, 1 = bfloat16, 2 = float16.
 const char* fake_quant_forward(const void* x, const float* scale, void* y, int dtype_code, int64_t outer,
                                int64_t channels, int64_t inner, QRange range, void* stream);

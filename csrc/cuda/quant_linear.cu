@@ -48,8 +48,12 @@ template <bool INT8> __device__ __forceinline__ int b_index(int k, int n) {
   return INT8 ? (n / 16) * BK * 16 + k * 16 + n % 16 : k * BN + n;
 }
 
+// nan_rows / nan_cols (integer path): an int8 code cannot hold NaN, so the rows of A and
+// columns of B that hold one are flagged, and the epilogue writes NaN there as the float
+// product would (a benign race: every writer stores 1).
 template <typename T, bool INT8, typename S>
-__device__ void load_tiles(const QuantGemmArgs& p, int64_t z, int64_t m0, int64_t n0, int64_t k0, S* As, S* Bs) {
+__device__ void load_tiles(const QuantGemmArgs& p, int64_t z, int64_t m0, int64_t n0, int64_t k0, S* As, S* Bs,
+                           int* nan_rows, int* nan_cols) {
   const T* a = static_cast<const T*>(p.a) + z * p.sa[0];
   const T* b = static_cast<const T*>(p.b) + z * p.sb[0];
   const float sa = p.qa.quantized ? p.qa.scale[0] : 1.0f;
@@ -57,6 +61,7 @@ __device__ void load_tiles(const QuantGemmArgs& p, int64_t z, int64_t m0, int64_
     const int r = i / BK, c = i % BK;
     const int64_t m = m0 + r, k = k0 + c;
     const float v = (m < p.M && k < p.K) ? load_f(a, m * p.sa[1] + k * p.sa[2]) : 0.0f;
+    if (INT8 && v != v) nan_rows[r] = 1;
     As[a_index<INT8>(r, c)] = static_cast<S>(prologue<INT8>(v, p.qa, sa));
   }
   for (int i = threadIdx.x; i < BK * BN; i += THREADS) {
@@ -64,6 +69,7 @@ __device__ void load_tiles(const QuantGemmArgs& p, int64_t z, int64_t m0, int64_
     const int64_t k = k0 + r, n = n0 + c;
     const bool in = k < p.K && n < p.N;
     const float v = in ? load_f(b, k * p.sb[1] + n * p.sb[2]) : 0.0f;
+    if (INT8 && v != v) nan_cols[c] = 1;
     Bs[b_index<INT8>(r, c)] = static_cast<S>(prologue<INT8>(v, p.qb, in ? b_scale(p, k, n) : 1.0f));
   }
 }
@@ -107,7 +113,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 // a row is uniform across each warp, so its LSQ partial sums reduce by shuffles.
 template <typename T, bool INT8>
 __device__ void epilogue(const QuantGemmArgs& p, int64_t z, int64_t m0, int64_t n0, const float* Cs,
-                         float* row_part) {
+                         float* row_part, const int* nan_rows, const int* nan_cols) {
   const int c = threadIdx.x % BN;
   const int64_t n = n0 + c;
   const T* e = static_cast<const T*>(p.e);
@@ -117,7 +123,7 @@ __device__ void epilogue(const QuantGemmArgs& p, int64_t z, int64_t m0, int64_t 
     if (m < p.M && n < p.N) {
       const int64_t off = z * p.sc[0] + m * p.sc[1] + n * p.sc[2];
       float y = Cs[r * CLD + c];
-      if (INT8) y *= p.qa.scale[0] * b_scale(p, 0, n);
+      if (INT8) y = nan_rows[r] || nan_cols[c] ? __int_as_float(0x7fc00000) : y * (p.qa.scale[0] * b_scale(p, 0, n));
       if (p.bias) y += p.bias[n];
       if (e) {
         const float x = load_f(e, off), s = p.qe.scale[p.e_per_row ? m : 0], inv = 1.0f / s;
@@ -141,12 +147,16 @@ __global__ void __launch_bounds__(THREADS) quant_gemm_kernel(QuantGemmArgs p) {
   __shared__ __align__(32) S Bs[BK * BN];
   __shared__ __align__(32) float Cs[BM * CLD];  // int32 on the integer path until converted
   __shared__ float row_part[BM];
+  __shared__ int nan_rows[BM], nan_cols[BN];
   const int64_t z = blockIdx.z, m0 = (int64_t)blockIdx.y * BM, n0 = (int64_t)blockIdx.x * BN;
   float acc[4][4] = {};
   IntFrag iacc[2];
   if (INT8) for (auto& f : iacc) wmma::fill_fragment(f, 0);
+  if (threadIdx.x < BM) nan_rows[threadIdx.x] = 0;
+  if (threadIdx.x < BN) nan_cols[threadIdx.x] = 0;
+  __syncthreads();  // the flags are zero before any load sets one
   for (int64_t k0 = 0; k0 < p.K; k0 += BK) {
-    load_tiles<T, INT8>(p, z, m0, n0, k0, As, Bs);
+    load_tiles<T, INT8>(p, z, m0, n0, k0, As, Bs, nan_rows, nan_cols);
     __syncthreads();
     if constexpr (INT8) mma_int8(As, Bs, iacc); else mma_float(As, Bs, acc);
     __syncthreads();
@@ -166,7 +176,7 @@ __global__ void __launch_bounds__(THREADS) quant_gemm_kernel(QuantGemmArgs p) {
   }
   if (threadIdx.x < BM) row_part[threadIdx.x] = 0.0f;
   __syncthreads();
-  epilogue<T, INT8>(p, z, m0, n0, Cs, row_part);
+  epilogue<T, INT8>(p, z, m0, n0, Cs, row_part, nan_rows, nan_cols);
   if (!p.e) return;
   __syncthreads();
   if (threadIdx.x < BM && m0 + threadIdx.x < p.M) {

@@ -159,8 +159,8 @@ def quant_gemm(a, b, out, qa=None, qb=None, b_scale=SCALE_TENSOR, bias=None, ste
     if triton.cdiv(N, 64) > MAX_GRID_YZ:
         raise ValueError(f"b: at most {64 * MAX_GRID_YZ} columns, got {N}")
     e, qe, per_row, grad_factor, grad_scale = ste if ste is not None else (out, None, False, 1.0, out)
-    if e.stride() != out.stride():
-        raise ValueError("ste: expected e with the strides of out")
+    if any(size > 1 and se != so for size, se, so in zip(out.shape, e.stride(), out.stride())):
+        raise ValueError("ste: expected e with the strides of out")  # size-1 dims are only indexed at 0
     qa_, qb_, qe_ = (q or Quant.identity(a.device) for q in (qa, qb, qe))
     for z0 in range(0, Z, MAX_GRID_YZ):  # batches beyond the grid's z limit: one launch per slice
         z = slice(z0, z0 + MAX_GRID_YZ)

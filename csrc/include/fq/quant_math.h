@@ -71,7 +71,7 @@ FQ_HD float fake_quant_value(float x, float scale, float inv_scale, QRange r) {
 FQ_HD float lsq_scale_grad(float x, float q, float scale, float inv_scale, QRange r) {
   if (q < r.qmin) return r.qmin;
   if (q > r.qmax) return r.qmax;
-  return (q * scale - x) * inv_scale;
+  return (mul_rn(q, scale) - x) * inv_scale;  // q * scale rounded first, as torch does
 }
 
 // bfloat16 <-> float by bit manipulation (round to nearest even, NaN kept quiet),
