@@ -141,6 +141,26 @@ def test_cpu_integer_path_is_exact(a_bits, a_signed):
 
 
 @pytest.mark.parametrize("backend", [_backend("cpu"), _backend("triton"), _backend("cuda")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(backend, dtype):
+    """bf16 / fp16 inputs are quantized and multiplied in float32 and the results rounded
+    to the input dtype once: within 2 of its unit roundoffs (2^-8 bf16, 2^-11 fp16) of the
+    largest entry of the float32 computation on the same (upcast) inputs."""
+    args = _inputs((3, 7), 33, 130, 4, 8, True, True)
+    x, weight = (t.to(dtype) for t in args[:2])
+    grad_y = torch.randn(3, 7, 130).to(dtype)
+    fresh = lambda: [t.clone() for t in args[2:]]  # noqa: E731 - _run turns its inputs into leaves
+    full = _run("reference", (x.float(), weight.float(), *fresh()), grad_y.float(), 4, 8, True)
+    half = _run(backend, (x, weight, *fresh()), grad_y, 4, 8, True)
+    unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    assert half[0].dtype == dtype and half[1].dtype == dtype and half[2].dtype == dtype
+    for got, want in zip(half[:3], full[:3]):  # y, grad_x, grad_weight
+        assert (got.float() - want).abs().max() <= 2 * unit * want.abs().max()
+    for got, want in zip(half[4:], full[4:]):  # scale gradients: float32 sums
+        torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", [_backend("cpu"), _backend("triton"), _backend("cuda")])
 def test_nan_operands_on_the_integer_path(backend):
     """W4A8 signed takes the exact int8 path, whose codes cannot hold NaN: a NaN activation
     must still poison its output row and a NaN weight its column, as in the reference."""
