@@ -173,7 +173,10 @@ def test_fisher_fwd_bwd(benchmark, case, method):
     benchmark.group = f"fisher {case}"
     run = make_runner(case, method)
     run()  # warm-up (and BackPACK/Opacus hook set-up)
-    benchmark.pedantic(run, rounds=3 if "N=32" in case or "2048" in case else 5, iterations=1)
+    # ours, floor and torch.func differ by a few percent on the encoder layer, about as much as
+    # the run-to-run noise of a shared 2-core machine: more rounds there, and compare minima.
+    rounds = 5 if "N=32" in case or "2048" in case else 7 if "N=8" in case else 11
+    benchmark.pedantic(run, rounds=rounds, iterations=1)
 
 
 KERNEL_SHAPES = {"(32,100,256)->256": (32, 100, 256, 256), "(32,850,256)->2048": (32, 850, 256, 2048)}

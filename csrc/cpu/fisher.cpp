@@ -23,7 +23,9 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "fq/quant_math.h"
@@ -151,14 +153,51 @@ FQ_MULTIVERSION void copy_row(const In* src, int64_t stride, int64_t n, bool squ
   }
 }
 
+// The common case of pack (contiguous rows, a panel width known at compile time): one
+// call per chunk, with each row's panel pieces copied by unrolled vector loops.
+template <typename In, int64_t W, bool Square>
+FQ_MULTIVERSION void pack_rows(const In* src, int64_t row_stride, int64_t rows, int64_t cols, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const In* s = src + r * row_stride;
+    for (int64_t p = 0; p * W < cols; ++p) {
+      const int64_t cw = std::min(W, cols - p * W);
+      float* o = out + (p * rows + r) * W;
+      if (cw == W) {
+        // Through a local array and memcpy: GCC then emits vector loads and stores (it
+        // does not vectorise the direct element copy, as it cannot rule out aliasing).
+        float v[W];
+        if constexpr (std::is_same_v<In, float>)
+          std::memcpy(v, s + p * W, sizeof(v));
+        else
+          for (int64_t c = 0; c < W; ++c) v[c] = load_value(s + p * W, c);
+        if (Square)
+          for (int64_t c = 0; c < W; ++c) v[c] *= v[c];
+        std::memcpy(o, v, sizeof(v));
+      } else {
+        for (int64_t c = 0; c < W; ++c) {
+          const float v = c < cw ? load_value(s + p * W, c) : 0.0f;
+          o[c] = Square ? v * v : v;
+        }
+      }
+    }
+  }
+}
+
 // out[p][r][0:width] = src[r * row_stride + (p * width + c) * col_stride] (squared when
-// `square`), for `cols` columns split into panels of `width`, zero padded.
+// `square`), for `cols` columns split into panels of `width` (MR or NR), zero padded.
 // Column-major sources (conv's unfolded input viewed as [L, K]) are read down the
 // columns, so that the reads stay contiguous.
 template <typename In>
 void pack(const In* src, int64_t row_stride, int64_t col_stride, int64_t rows, int64_t cols, int64_t width,
           bool square, float* out) {
-  const bool by_column = col_stride != 1 && row_stride == 1;
+  if (col_stride == 1) {
+    if (width == MR)
+      return square ? pack_rows<In, MR, true>(src, row_stride, rows, cols, out)
+                    : pack_rows<In, MR, false>(src, row_stride, rows, cols, out);
+    return square ? pack_rows<In, NR, true>(src, row_stride, rows, cols, out)
+                  : pack_rows<In, NR, false>(src, row_stride, rows, cols, out);
+  }
+  const bool by_column = row_stride == 1;
   float column[kTc];
   for (int64_t p = 0; p * width < cols; ++p) {
     const int64_t cw = std::min(width, cols - p * width);
@@ -212,8 +251,7 @@ void store_output(const float* g, int64_t ldg, void* out, bool f64, int64_t ldo,
 
 // Block shape for an [m, k] output: the largest blocks up to kMb x kKb (each packed
 // element then serves bk / NR or bm / MR microtiles, and a sample's X and D are read
-// from memory fewer times), halved until every thread owns at least two blocks so that
-// the static split stays balanced.
+// from memory fewer times), halved only as far as the static split over threads needs.
 struct Blocking {
   int64_t bm, bk, mblocks, kblocks;
 };
@@ -222,7 +260,11 @@ Blocking choose_blocks(int64_t m, int64_t k, int threads) {
   auto round_up = [](int64_t v, int64_t q) { return std::max<int64_t>(q, (v + q - 1) / q * q); };
   Blocking b{std::min(kMb, round_up(m, MR)), std::min(kKb, round_up(k, NR)), 0, 0};
   auto count = [&] { return ((m + b.bm - 1) / b.bm) * ((k + b.bk - 1) / b.bk); };
-  while (count() < 2 * threads && (b.bm > MR || b.bk > NR)) {
+  // Halve until the blocks split evenly over the threads, or there are at least two per
+  // thread (then an uneven split costs at most a third); not further: smaller blocks
+  // repack each sample's D and X more often.
+  auto balanced = [&] { return count() >= 2 * threads || count() % threads == 0; };
+  while (!balanced() && (b.bm > MR || b.bk > NR)) {
     if (b.bk > NR && (b.bk >= b.bm || b.bm <= MR)) b.bk = round_up(b.bk / 2, NR);
     else b.bm = round_up(b.bm / 2, MR);
   }
