@@ -292,9 +292,12 @@ def test_cpu_fallback_microkernels(monkeypatch, isa):
     same results; FQ_FISHER_ISA caps the run-time choice."""
     monkeypatch.setenv("FQ_FISHER_ISA", isa)
     for t in (1, 13):
-        x, d = torch.randn(5, t, 70), torch.randn(5, t, 41)
-        f = fk.per_sample_fisher(x, d, backend="cpu")
-        assert rel_err(f, linear_oracle(x, d)[0]) < RTOL
+        x, d = torch.randn(5, t, 70), torch.randn(5, t, 41)  # full 8 x 32 tiles and partial ones
+        grad_weight = torch.empty(41, 70)
+        f = fk.per_sample_fisher(x, d, grad_weight=grad_weight, backend="cpu")
+        sq = fk.per_sample_sq_norms(x, d, backend="cpu")
+        f_ref, g_ref, sq_ref = linear_oracle(x, d)
+        assert rel_err(f, f_ref) < RTOL and rel_err(grad_weight, g_ref) < RTOL and rel_err(sq, sq_ref) < RTOL
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "triton"])

@@ -46,15 +46,44 @@ constexpr int64_t kSampleChunk = 1024;  // T == 1: samples summed in float befor
 #define FQ_MULTIVERSION
 #endif
 
+// Where a finished full MR x NR tile of G goes when the microkernel writes it out itself
+// (float32 outputs, last chunk of a sample): fisher (+)= G^2, grad (+)= G, *sq += ||G||^2,
+// each optional. Saves a store and re-read of G per tile, which matter for short samples.
+struct TileOutputs {
+  float* fisher;
+  float* grad;
+  int64_t ld;  // row stride of fisher and grad
+  bool fisher_add, grad_add;
+  double* sq;
+};
+
+// The portable form of that epilogue, from a G tile in memory (row stride ldg).
+inline void write_tile(const float* g, int64_t ldg, const TileOutputs& o) {
+  double total = 0.0;
+  for (int64_t r = 0; r < MR; ++r) {
+    float row = 0.0f;
+    for (int64_t c = 0; c < NR; ++c) {
+      const float v = g[r * ldg + c], sq = v * v;
+      row += sq;
+      if (o.fisher) o.fisher[r * o.ld + c] = o.fisher_add ? o.fisher[r * o.ld + c] + sq : sq;
+      if (o.grad) o.grad[r * o.ld + c] = o.grad_add ? o.grad[r * o.ld + c] + v : v;
+    }
+    total += row;
+  }
+  if (o.sq) *o.sq += total;
+}
+
 // g[MR x NR] (row stride ldg) = (load ? g : 0) + sum_r dp[r, :]^T xp[r, :], where dp is
-// a packed [rows][MR] panel and xp a packed [rows][NR] panel.
-using Microkernel = void (*)(int64_t rows, const float* dp, const float* xp, float* g, int64_t ldg, bool load);
+// a packed [rows][MR] panel and xp a packed [rows][NR] panel; with `out`, the tile goes
+// to those outputs instead of g.
+using Microkernel = void (*)(int64_t rows, const float* dp, const float* xp, float* g, int64_t ldg, bool load,
+                             const TileOutputs* out);
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // 8 x 32 floats = 16 zmm accumulators: enough independent FMA chains to hide the
 // FMA latency on two pipes, with 2 vector loads + 8 broadcasts per 16 FMAs.
 __attribute__((target("avx512f"))) void micro_avx512(int64_t rows, const float* dp, const float* xp, float* g,
-                                                     int64_t ldg, bool load) {
+                                                     int64_t ldg, bool load, const TileOutputs* out) {
   __m512 c[MR][2];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
@@ -70,17 +99,43 @@ __attribute__((target("avx512f"))) void micro_avx512(int64_t rows, const float* 
       c[r][1] = _mm512_fmadd_ps(a, x1, c[r][1]);
     }
   }
+  if (!out) {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      _mm512_storeu_ps(g + r * ldg, c[r][0]);
+      _mm512_storeu_ps(g + r * ldg + 16, c[r][1]);
+    }
+    return;
+  }
+  __m512 sq = _mm512_setzero_ps();
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
-    _mm512_storeu_ps(g + r * ldg, c[r][0]);
-    _mm512_storeu_ps(g + r * ldg + 16, c[r][1]);
+    const __m512 s0 = _mm512_mul_ps(c[r][0], c[r][0]), s1 = _mm512_mul_ps(c[r][1], c[r][1]);
+    if (out->fisher) {
+      float* f = out->fisher + r * out->ld;
+      _mm512_storeu_ps(f, out->fisher_add ? _mm512_add_ps(_mm512_loadu_ps(f), s0) : s0);
+      _mm512_storeu_ps(f + 16, out->fisher_add ? _mm512_add_ps(_mm512_loadu_ps(f + 16), s1) : s1);
+    }
+    if (out->grad) {
+      float* gw = out->grad + r * out->ld;
+      _mm512_storeu_ps(gw, out->grad_add ? _mm512_add_ps(_mm512_loadu_ps(gw), c[r][0]) : c[r][0]);
+      _mm512_storeu_ps(gw + 16, out->grad_add ? _mm512_add_ps(_mm512_loadu_ps(gw + 16), c[r][1]) : c[r][1]);
+    }
+    sq = _mm512_add_ps(sq, _mm512_add_ps(s0, s1));
+  }
+  if (out->sq) {
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, sq);
+    double total = 0.0;
+    for (float v : lanes) total += v;
+    *out->sq += total;
   }
 }
 
 // AVX2 has 16 ymm registers: the 8 x 32 tile is done as four 4 x 16 quarters
 // (8 accumulators each), re-reading the panels from L1.
 __attribute__((target("avx2,fma"))) void micro_avx2(int64_t rows, const float* dp, const float* xp, float* g,
-                                                     int64_t ldg, bool load) {
+                                                     int64_t ldg, bool load, const TileOutputs* out) {
   for (int r0 = 0; r0 < MR; r0 += 4) {
     for (int c0 = 0; c0 < NR; c0 += 16) {
       __m256 c[4][2];
@@ -104,10 +159,12 @@ __attribute__((target("avx2,fma"))) void micro_avx2(int64_t rows, const float* d
       }
     }
   }
+  if (out) write_tile(g, ldg, *out);
 }
 #endif
 
-void micro_generic(int64_t rows, const float* dp, const float* xp, float* g, int64_t ldg, bool load) {
+void micro_generic(int64_t rows, const float* dp, const float* xp, float* g, int64_t ldg, bool load,
+                   const TileOutputs* out) {
   float c[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NR; ++j) c[r][j] = load ? g[r * ldg + j] : 0.0f;
@@ -118,6 +175,7 @@ void micro_generic(int64_t rows, const float* dp, const float* xp, float* g, int
     }
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NR; ++j) g[r * ldg + j] = c[r][j];
+  if (out) write_tile(g, ldg, *out);
 }
 
 // FQ_FISHER_ISA=avx2|generic caps the choice (so tests cover every microkernel on one machine).
@@ -282,12 +340,13 @@ struct Workspace {
 // G[0:mb, 0:kb] (w.g, row stride ldg) = sum over `rows` reduction rows of D^T X: the
 // tokens of one sample (d and x point at it) or, with T == 1, samples (squared). Each
 // chunk of kTc rows is packed once and serves every microtile of the block; microtiles
-// go along m for a fixed X panel, which stays in L1. tile_done(r, c) runs on each
-// finished MR x NR tile at block offset (r, c) while it is still in L1.
-template <typename In, typename TileDone>
+// go along m for a fixed X panel, which stays in L1. For each finished MR x NR tile at
+// block offset (r, c), direct(r, c, out) may name the outputs the microkernel writes it
+// to (returning true); otherwise tile_done(r, c) runs on it while it is still in L1.
+template <typename In, typename Direct, typename TileDone>
 void accumulate_rows(Microkernel micro, Workspace& w, const In* d, int64_t d_row, int64_t d_col, const In* x,
                      int64_t x_row, int64_t x_col, int64_t rows, int64_t mb, int64_t kb, int64_t ldg, bool square,
-                     TileDone&& tile_done) {
+                     Direct&& direct, TileDone&& tile_done) {
   if (rows == 0) std::fill(w.g.begin(), w.g.end(), 0.0f);
   for (int64_t r0 = 0; r0 < std::max<int64_t>(rows, 1); r0 += kTc) {
     const int64_t rc = std::min(kTc, rows - r0);
@@ -298,10 +357,12 @@ void accumulate_rows(Microkernel micro, Workspace& w, const In* d, int64_t d_row
     const bool last = r0 + kTc >= rows;
     for (int64_t j = 0; j * NR < kb; ++j)
       for (int64_t i = 0; i * MR < mb; ++i) {
+        TileOutputs out;
+        const bool written = last && rc > 0 && direct(i * MR, j * NR, out);
         if (rc > 0)
           micro(rc, w.dpack.data() + i * rc * MR, w.xpack.data() + j * rc * NR, w.g.data() + i * MR * ldg + j * NR,
-                ldg, r0 > 0);
-        if (last) tile_done(i * MR, j * NR);
+                ldg, r0 > 0, written ? &out : nullptr);
+        if (last && !written) tile_done(i * MR, j * NR);
       }
   }
 }
@@ -347,8 +408,17 @@ void run(const FisherArgs& a) {
         for (int64_t b = b_begin; b < b_end; ++b) {
           const int64_t m0 = b / blk.kblocks * blk.bm, k0 = b % blk.kblocks * blk.bk;
           const int64_t mb = std::min(blk.bm, a.m - m0), kb = std::min(blk.bk, a.k - k0);
+          // Full tiles with float32 outputs are written by the microkernel from its registers.
+          auto direct = [&](int64_t r, int64_t c, TileOutputs& out) {
+            if (r + MR > mb || c + NR > kb || a.fisher_f64 || a.grad_f64) return false;
+            const int64_t at = (m0 + r) * a.k + k0 + c;
+            out = {a.fisher ? static_cast<float*>(a.fisher) + at : nullptr,
+                   a.grad_weight ? static_cast<float*>(a.grad_weight) + at : nullptr, a.k,
+                   a.fisher_accumulate || n > 0, a.grad_accumulate || n > 0, sq ? sq + n : nullptr};
+            return true;
+          };
           accumulate_rows(micro, w, d + n * a.ds_n + m0 * a.ds_m, a.ds_t, a.ds_m, x + n * a.xs_n + k0 * a.xs_k,
-                          a.xs_t, a.xs_k, empty ? 0 : a.t, mb, kb, ldg, false, [&](int64_t r, int64_t c) {
+                          a.xs_t, a.xs_k, empty ? 0 : a.t, mb, kb, ldg, false, direct, [&](int64_t r, int64_t c) {
                             store_tile(m0, k0, mb, kb, r, c, !empty, n > 0, n > 0, true, true);
                             if (sq && !empty)
                               sq[n] += block_sq_sum(w.g.data() + r * ldg + c, ldg, std::min(MR, mb - r),
@@ -357,6 +427,9 @@ void run(const FisherArgs& a) {
         }
       }
     } else {
+      // T == 1: the Fisher's packing squares the values, so G is the Fisher itself, summed
+      // over chunks of samples; the tiles go through store_tile.
+      auto no_direct = [](int64_t, int64_t, TileOutputs&) { return false; };
 #pragma omp for collapse(2) schedule(dynamic)
       for (int64_t bi = 0; bi < blk.mblocks; ++bi) {
         for (int64_t bj = 0; bj < blk.kblocks; ++bj) {
@@ -369,12 +442,12 @@ void run(const FisherArgs& a) {
             const In* db = d + r0 * a.ds_n + m0 * a.ds_m;
             const In* xb = x + r0 * a.xs_n + k0 * a.xs_k;
             if (a.fisher)
-              accumulate_rows(micro, w, db, a.ds_n, a.ds_m, xb, a.xs_n, a.xs_k, rc, mb, kb, ldg, true,
+              accumulate_rows(micro, w, db, a.ds_n, a.ds_m, xb, a.xs_n, a.xs_k, rc, mb, kb, ldg, true, no_direct,
                               [&](int64_t r, int64_t c) {
                                 store_tile(m0, k0, mb, kb, r, c, false, r0 > 0, false, true, false);
                               });
             if (a.grad_weight)
-              accumulate_rows(micro, w, db, a.ds_n, a.ds_m, xb, a.xs_n, a.xs_k, rc, mb, kb, ldg, false,
+              accumulate_rows(micro, w, db, a.ds_n, a.ds_m, xb, a.xs_n, a.xs_k, rc, mb, kb, ldg, false, no_direct,
                               [&](int64_t r, int64_t c) {
                                 store_tile(m0, k0, mb, kb, r, c, false, false, r0 > 0, false, true);
                               });
