@@ -14,6 +14,9 @@ tokens, a Python loop of per-sample torch.mm + square-accumulate, and our op alo
 Run: make bench (or .venv/bin/python -m pytest benchmarks/bench_fisher.py). Peak memory:
 benchmarks/fisher_memory.py (one process per case). Compare rows of one group only.
 """
+import statistics
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,8 +45,8 @@ class EncoderLayer(nn.Module):
         a, fs = self.self_attn, self.fisher
         d, h = a.embed_dim, a.num_heads
         w, b = a.in_proj_weight, a.in_proj_bias
-        q = linear_with_fisher(q_in, w[:d], b[:d], fs["in_proj"][:d], batch_dim=1)
-        k = linear_with_fisher(q_in, w[d:2 * d], b[d:2 * d], fs["in_proj"][d:2 * d], batch_dim=1)
+        # q and k share their input: one [2d, d] projection, as nn.MultiheadAttention does
+        q, k = linear_with_fisher(q_in, w[:2 * d], b[:2 * d], fs["in_proj"][:2 * d], batch_dim=1).split(d, -1)
         v = linear_with_fisher(v_in, w[2 * d:], b[2 * d:], fs["in_proj"][2 * d:], batch_dim=1)
         t, n = q.shape[:2]
         # [N, heads, T, d/heads], as nn.MultiheadAttention calls it (4-D: CPU flash attention)
@@ -177,6 +180,32 @@ def test_fisher_fwd_bwd(benchmark, case, method):
     # the run-to-run noise of a shared 2-core machine: more rounds there, and compare minima.
     rounds = 5 if "N=32" in case or "2048" in case else 7 if "N=8" in case else 11
     benchmark.pedantic(run, rounds=rounds, iterations=1)
+
+
+@pytest.mark.parametrize("case", [c for c, (_, kind) in CASES.items() if kind == "encoder"])
+def test_fisher_encoder_interleaved(benchmark, interleaved_ratios, case):
+    """The encoder rows again, with floor, ours and torch.func run one after another in
+    every round (rotating the order): the methods differ by a few percent there, less than
+    the drift of a shared machine over the seconds between separate benchmark rows, which
+    here hits all three alike. Reports each method's median over rounds of its time over
+    the floor's time in the same round."""
+    benchmark.group = f"fisher {case}, one round = floor + ours + torch.func"
+    runs = {m: make_runner(case, m) for m in ("floor", "ours", "torch.func")}
+    for run in runs.values():
+        run()  # warm-up
+    times, order = {m: [] for m in runs}, list(runs)
+
+    def one_round():
+        for m in order:
+            start = time.perf_counter()
+            runs[m]()
+            times[m].append(time.perf_counter() - start)
+        order.append(order.pop(0))
+
+    benchmark.pedantic(one_round, rounds=5 if "N=32" in case else 7 if "N=8" in case else 11, iterations=1)
+    ratios = {m: statistics.median(t / f for t, f in zip(times[m], times["floor"])) for m in runs}
+    benchmark.extra_info.update({f"{m} / floor": round(r, 3) for m, r in ratios.items()})
+    interleaved_ratios[case] = ratios
 
 
 KERNEL_SHAPES = {"(32,100,256)->256": (32, 100, 256, 256), "(32,850,256)->2048": (32, 850, 256, 2048)}
