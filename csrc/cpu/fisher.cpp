@@ -1,13 +1,14 @@
 // CPU per-sample Fisher, tiled so that per-sample gradients never exist in memory.
 //
-// The output [M, K] is cut into blocks of kMb x kKb, each OpenMP thread owning a
+// The output [M, K] is cut into blocks of up to kMb x kKb, each OpenMP thread owning a
 // fixed range of blocks. Threads loop over samples; for each sample and block a
-// thread packs chunks of kTc token rows of D_n[:, block] and X_n[:, block] into zero-padded panels (this is
-// where strides, layouts and bfloat16 are resolved, so the microkernel only sees
-// contiguous float panels), accumulates G = D_n^T X_n for the block with a
-// register-blocked MR x NR microkernel, and then squares G into the Fisher block
-// (and adds it into dW, and its squared sum into the sample's norm). The extra
-// memory is one block of G and two panels per thread, whatever N and T.
+// thread packs chunks of kTc token rows of D_n[:, block] and X_n[:, block] into
+// zero-padded panels (this is where strides, layouts and bfloat16 are resolved, so the
+// microkernel only sees contiguous float panels), accumulates G = D_n^T X_n for the
+// block with a register-blocked MR x NR microkernel, and on the last chunk writes each
+// G tile from the registers: squared into the Fisher block, added into dW, its squared
+// sum into the sample's norm. The extra memory is one block of G and two panels per
+// thread, whatever N and T.
 //
 // T == 1 (one token per sample) is a special case: then sum_n (d_n x_n^T)^2 =
 // (D∘D)^T (X∘X), a single GEMM over samples, so samples become the reduction
@@ -367,102 +368,109 @@ void accumulate_rows(Microkernel micro, Workspace& w, const In* d, int64_t d_row
   }
 }
 
+// One block of the [M, K] output: rows m0 .. m0 + mb, columns k0 .. k0 + kb.
+struct Block {
+  int64_t m0, k0, mb, kb;
+};
+
+Block block_at(const FisherArgs& a, const Blocking& blk, int64_t bi, int64_t bj) {
+  const int64_t m0 = bi * blk.bm, k0 = bj * blk.bk;
+  return {m0, k0, std::min(blk.bm, a.m - m0), std::min(blk.bk, a.k - k0)};
+}
+
+// Writes the valid part of the G tile at offset (r, c) of block b (w.g, row stride ldg)
+// into the outputs: the Fisher gets G^2 when `square` (G when the packing already squared).
+void store_tile(const FisherArgs& a, const Workspace& w, int64_t ldg, const Block& b, int64_t r, int64_t c,
+                bool square, bool f_add, bool g_add, bool fisher, bool grad) {
+  const int64_t tm = std::min(MR, b.mb - r), tk = std::min(NR, b.kb - c);
+  const float* g = w.g.data() + r * ldg + c;
+  if (fisher && a.fisher)
+    store_output(g, ldg, a.fisher, a.fisher_f64, a.k, b.m0 + r, b.k0 + c, tm, tk, square, a.fisher_accumulate || f_add);
+  if (grad && a.grad_weight)
+    store_output(g, ldg, a.grad_weight, a.grad_f64, a.k, b.m0 + r, b.k0 + c, tm, tk, false,
+                 a.grad_accumulate || g_add);
+}
+
+// T > 1, run by every thread of the parallel region. Samples are the outer loop, so each
+// sample's X_n and D_n are read from memory once per block row / column and then reused
+// from cache. Each thread owns a fixed range of blocks: no two threads write one block,
+// so no barrier per sample is needed (barriers stall when other processes share the
+// cores). sq: this thread's partial squared norms [N], or nullptr.
 template <typename In>
-void run(const FisherArgs& a) {
+void sum_samples(const FisherArgs& a, Microkernel micro, const Blocking& blk, Workspace& w, double* sq) {
   const In* x = static_cast<const In*>(a.x);
   const In* d = static_cast<const In*>(a.d);
-  const Microkernel micro = pick_microkernel();
-  const int threads = omp_get_max_threads();
-  const Blocking blk = choose_blocks(a.m, a.k, threads);
-  const bool per_token = a.t != 1;
-  // Per-thread partial squared norms: no atomics, and each thread sums in a fixed order.
-  std::vector<double> partial(a.sq_norms && per_token ? static_cast<size_t>(threads) * a.n : 0, 0.0);
+  const int64_t ldg = blk.bk, blocks = blk.mblocks * blk.kblocks;
+  const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
+  const bool empty = a.n == 0;  // nothing to sum: still define the written outputs (as zeros)
+  for (int64_t n = 0; n < std::max<int64_t>(a.n, 1); ++n) {
+    for (int64_t i = blocks * tid / nth; i < blocks * (tid + 1) / nth; ++i) {
+      const Block b = block_at(a, blk, i / blk.kblocks, i % blk.kblocks);
+      // Full tiles with float32 outputs are written by the microkernel from its registers.
+      auto direct = [&](int64_t r, int64_t c, TileOutputs& out) {
+        if (r + MR > b.mb || c + NR > b.kb || a.fisher_f64 || a.grad_f64) return false;
+        const int64_t at = (b.m0 + r) * a.k + b.k0 + c;
+        out = {a.fisher ? static_cast<float*>(a.fisher) + at : nullptr,
+               a.grad_weight ? static_cast<float*>(a.grad_weight) + at : nullptr, a.k,
+               a.fisher_accumulate || n > 0, a.grad_accumulate || n > 0, sq ? sq + n : nullptr};
+        return true;
+      };
+      auto tile_done = [&](int64_t r, int64_t c) {
+        store_tile(a, w, ldg, b, r, c, !empty, n > 0, n > 0, true, true);
+        if (sq && !empty)
+          sq[n] += block_sq_sum(w.g.data() + r * ldg + c, ldg, std::min(MR, b.mb - r), std::min(NR, b.kb - c));
+      };
+      accumulate_rows(micro, w, d + n * a.ds_n + b.m0 * a.ds_m, a.ds_t, a.ds_m, x + n * a.xs_n + b.k0 * a.xs_k,
+                      a.xs_t, a.xs_k, empty ? 0 : a.t, b.mb, b.kb, ldg, false, direct, tile_done);
+    }
+  }
+}
 
-#pragma omp parallel
-  {
-    Workspace w;
-    const int64_t ldg = blk.bk;
-    // Writes the valid part of the G tile at block offset (r, c) of block (m0, k0) into
-    // the outputs: the Fisher gets G^2 (or G when the packing already squared).
-    auto store_tile = [&](int64_t m0, int64_t k0, int64_t mb, int64_t kb, int64_t r, int64_t c, bool square,
-                          bool f_add, bool g_add, bool fisher, bool grad) {
-      const int64_t tm = std::min(MR, mb - r), tk = std::min(NR, kb - c);
-      const float* g = w.g.data() + r * ldg + c;
-      if (fisher && a.fisher)
-        store_output(g, ldg, a.fisher, a.fisher_f64, a.k, m0 + r, k0 + c, tm, tk, square,
-                     a.fisher_accumulate || f_add);
-      if (grad && a.grad_weight)
-        store_output(g, ldg, a.grad_weight, a.grad_f64, a.k, m0 + r, k0 + c, tm, tk, false,
-                     a.grad_accumulate || g_add);
-    };
-    if (per_token) {
-      // Samples are the outer loop, so each sample's X_n and D_n are read from memory
-      // once per block row / column and then reused from cache. Each thread owns a fixed
-      // range of blocks: no two threads write one block, so no barrier per sample is
-      // needed (barriers stall when other processes share the cores).
-      double* sq = partial.empty() ? nullptr : partial.data() + static_cast<size_t>(omp_get_thread_num()) * a.n;
-      const int64_t blocks = blk.mblocks * blk.kblocks, nth = omp_get_num_threads(), tid = omp_get_thread_num();
-      const int64_t b_begin = blocks * tid / nth, b_end = blocks * (tid + 1) / nth;
-      for (int64_t n = 0; n < std::max<int64_t>(a.n, 1); ++n) {
-        const bool empty = a.n == 0;  // nothing to sum: still define the written outputs (as zeros)
-        for (int64_t b = b_begin; b < b_end; ++b) {
-          const int64_t m0 = b / blk.kblocks * blk.bm, k0 = b % blk.kblocks * blk.bk;
-          const int64_t mb = std::min(blk.bm, a.m - m0), kb = std::min(blk.bk, a.k - k0);
-          // Full tiles with float32 outputs are written by the microkernel from its registers.
-          auto direct = [&](int64_t r, int64_t c, TileOutputs& out) {
-            if (r + MR > mb || c + NR > kb || a.fisher_f64 || a.grad_f64) return false;
-            const int64_t at = (m0 + r) * a.k + k0 + c;
-            out = {a.fisher ? static_cast<float*>(a.fisher) + at : nullptr,
-                   a.grad_weight ? static_cast<float*>(a.grad_weight) + at : nullptr, a.k,
-                   a.fisher_accumulate || n > 0, a.grad_accumulate || n > 0, sq ? sq + n : nullptr};
-            return true;
-          };
-          accumulate_rows(micro, w, d + n * a.ds_n + m0 * a.ds_m, a.ds_t, a.ds_m, x + n * a.xs_n + k0 * a.xs_k,
-                          a.xs_t, a.xs_k, empty ? 0 : a.t, mb, kb, ldg, false, direct, [&](int64_t r, int64_t c) {
-                            store_tile(m0, k0, mb, kb, r, c, !empty, n > 0, n > 0, true, true);
-                            if (sq && !empty)
-                              sq[n] += block_sq_sum(w.g.data() + r * ldg + c, ldg, std::min(MR, mb - r),
-                                                    std::min(NR, kb - c));
-                          });
-        }
-      }
-    } else {
-      // T == 1: the Fisher's packing squares the values, so G is the Fisher itself, summed
-      // over chunks of samples; the tiles go through store_tile.
-      auto no_direct = [](int64_t, int64_t, TileOutputs&) { return false; };
+// T == 1, a work-sharing loop inside the parallel region: samples are the reduction rows
+// and the Fisher's packing squares the values, so G is the Fisher itself, summed over
+// chunks of kSampleChunk samples, each stored in the output's dtype (float64 outputs
+// then accumulate the sum over samples in double here too).
+template <typename In>
+void sum_single_tokens(const FisherArgs& a, Microkernel micro, const Blocking& blk, Workspace& w) {
+  const In* x = static_cast<const In*>(a.x);
+  const In* d = static_cast<const In*>(a.d);
+  const int64_t ldg = blk.bk;
+  auto no_direct = [](int64_t, int64_t, TileOutputs&) { return false; };
 #pragma omp for collapse(2) schedule(dynamic)
-      for (int64_t bi = 0; bi < blk.mblocks; ++bi) {
-        for (int64_t bj = 0; bj < blk.kblocks; ++bj) {
-          const int64_t m0 = bi * blk.bm, k0 = bj * blk.bk;
-          const int64_t mb = std::min(blk.bm, a.m - m0), kb = std::min(blk.bk, a.k - k0);
-          // Chunks of kSampleChunk samples, each stored in the output's dtype, so that
-          // float64 outputs accumulate the sum over samples in double here too.
-          for (int64_t r0 = 0; r0 < std::max<int64_t>(a.n, 1); r0 += kSampleChunk) {
-            const int64_t rc = std::min(kSampleChunk, a.n - r0);
-            const In* db = d + r0 * a.ds_n + m0 * a.ds_m;
-            const In* xb = x + r0 * a.xs_n + k0 * a.xs_k;
-            if (a.fisher)
-              accumulate_rows(micro, w, db, a.ds_n, a.ds_m, xb, a.xs_n, a.xs_k, rc, mb, kb, ldg, true, no_direct,
-                              [&](int64_t r, int64_t c) {
-                                store_tile(m0, k0, mb, kb, r, c, false, r0 > 0, false, true, false);
-                              });
-            if (a.grad_weight)
-              accumulate_rows(micro, w, db, a.ds_n, a.ds_m, xb, a.xs_n, a.xs_k, rc, mb, kb, ldg, false, no_direct,
-                              [&](int64_t r, int64_t c) {
-                                store_tile(m0, k0, mb, kb, r, c, false, false, r0 > 0, false, true);
-                              });
-          }
-        }
+  for (int64_t bi = 0; bi < blk.mblocks; ++bi) {
+    for (int64_t bj = 0; bj < blk.kblocks; ++bj) {
+      const Block b = block_at(a, blk, bi, bj);
+      for (int64_t r0 = 0; r0 < std::max<int64_t>(a.n, 1); r0 += kSampleChunk) {
+        const int64_t rc = std::min(kSampleChunk, a.n - r0);
+        const In* db = d + r0 * a.ds_n + b.m0 * a.ds_m;
+        const In* xb = x + r0 * a.xs_n + b.k0 * a.xs_k;
+        auto fisher_done = [&](int64_t r, int64_t c) {
+          store_tile(a, w, ldg, b, r, c, false, r0 > 0, false, true, false);
+        };
+        auto grad_done = [&](int64_t r, int64_t c) {
+          store_tile(a, w, ldg, b, r, c, false, false, r0 > 0, false, true);
+        };
+        if (a.fisher)
+          accumulate_rows(micro, w, db, a.ds_n, a.ds_m, xb, a.xs_n, a.xs_k, rc, b.mb, b.kb, ldg, true, no_direct,
+                          fisher_done);
+        if (a.grad_weight)
+          accumulate_rows(micro, w, db, a.ds_n, a.ds_m, xb, a.xs_n, a.xs_k, rc, b.mb, b.kb, ldg, false, no_direct,
+                          grad_done);
       }
     }
   }
+}
 
-  if (!a.sq_norms) return;
-  // With T == 1, ||d_n x_n^T||^2 = ||d_n||^2 ||x_n||^2.
+// sq_norms[n]: the threads' partial sums (T > 1), or ||d_n||^2 ||x_n||^2 (T == 1, as
+// ||d_n x_n^T||^2 = ||d_n||^2 ||x_n||^2).
+template <typename In>
+void write_sq_norms(const FisherArgs& a, const std::vector<double>& partial, int threads) {
+  const In* x = static_cast<const In*>(a.x);
+  const In* d = static_cast<const In*>(a.d);
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < a.n; ++n) {
     double v = 0.0;
-    if (per_token) {
+    if (a.t != 1) {
       for (int th = 0; th < threads; ++th) v += partial[static_cast<size_t>(th) * a.n + n];
     } else {
       double dd = 0.0, xx = 0.0;
@@ -473,6 +481,26 @@ void run(const FisherArgs& a) {
     if (a.sq_f64) static_cast<double*>(a.sq_norms)[n] = v;
     else static_cast<float*>(a.sq_norms)[n] = static_cast<float>(v);
   }
+}
+
+template <typename In>
+void run(const FisherArgs& a) {
+  const Microkernel micro = pick_microkernel();
+  const int threads = omp_get_max_threads();
+  const Blocking blk = choose_blocks(a.m, a.k, threads);
+  const bool per_token = a.t != 1;
+  // Per-thread partial squared norms: no atomics, and each thread sums in a fixed order.
+  std::vector<double> partial(a.sq_norms && per_token ? static_cast<size_t>(threads) * a.n : 0, 0.0);
+#pragma omp parallel
+  {
+    Workspace w;
+    if (per_token)
+      sum_samples<In>(a, micro, blk, w,
+                      partial.empty() ? nullptr : partial.data() + static_cast<size_t>(omp_get_thread_num()) * a.n);
+    else
+      sum_single_tokens<In>(a, micro, blk, w);
+  }
+  if (a.sq_norms) write_sq_norms<In>(a, partial, threads);
 }
 
 }  // namespace
