@@ -58,21 +58,9 @@ struct TileOutputs {
   double* sq;
 };
 
-// The portable form of that epilogue, from a G tile in memory (row stride ldg).
-inline void write_tile(const float* g, int64_t ldg, const TileOutputs& o) {
-  double total = 0.0;
-  for (int64_t r = 0; r < MR; ++r) {
-    float row = 0.0f;
-    for (int64_t c = 0; c < NR; ++c) {
-      const float v = g[r * ldg + c], sq = v * v;
-      row += sq;
-      if (o.fisher) o.fisher[r * o.ld + c] = o.fisher_add ? o.fisher[r * o.ld + c] + sq : sq;
-      if (o.grad) o.grad[r * o.ld + c] = o.grad_add ? o.grad[r * o.ld + c] + v : v;
-    }
-    total += row;
-  }
-  if (o.sq) *o.sq += total;
-}
+// The portable form of that epilogue, from a G tile in memory (row stride ldg); defined
+// with the other epilogues below.
+void write_tile(const float* g, int64_t ldg, const TileOutputs& o);
 
 // g[MR x NR] (row stride ldg) = (load ? g : 0) + sum_r dp[r, :]^T xp[r, :], where dp is
 // a packed [rows][MR] panel and xp a packed [rows][NR] panel; with `out`, the tile goes
@@ -298,6 +286,12 @@ FQ_MULTIVERSION double block_sq_sum(const float* g, int64_t ldg, int64_t mb, int
     total += row;
   }
   return total;
+}
+
+void write_tile(const float* g, int64_t ldg, const TileOutputs& o) {
+  if (o.fisher) store_block(g, ldg, o.fisher, o.ld, MR, NR, true, o.fisher_add);
+  if (o.grad) store_block(g, ldg, o.grad, o.ld, MR, NR, false, o.grad_add);
+  if (o.sq) *o.sq += block_sq_sum(g, ldg, MR, NR);
 }
 
 void store_output(const float* g, int64_t ldg, void* out, bool f64, int64_t ldo, int64_t m0, int64_t k0,
