@@ -69,10 +69,9 @@ class FisherCollector:
 
     def _batch_dim(self, name, module):
         parent = self.model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else None
-        if isinstance(parent, QuantMultiheadAttention) and name.endswith(".out_proj"):
-            return 1  # QuantMultiheadAttention runs its out-projection sequence-first
-        if isinstance(module, nn.MultiheadAttention):
-            return 0 if module.batch_first else 1
+        if isinstance(module, QuantMultiheadAttention) or (isinstance(parent, QuantMultiheadAttention)
+                                                             and name.endswith(".out_proj")):
+            return QuantMultiheadAttention.PROJECTION_SAMPLE_DIM
         if isinstance(module, nn.Conv2d):
             return 0
         for pattern, dim in self.batch_dims.items():
@@ -110,8 +109,6 @@ class FisherCollector:
                 if isinstance(module, QuantMultiheadAttention) else (lambda args: args[0].shape[bd])
             self._handles.append(module.register_forward_hook(
                 lambda m, args, out: self._count_on_backward(name, out, n_of(args))))
-            if isinstance(module, QuantMultiheadAttention):
-                module.fisher_batch_dim = 1  # its projections run sequence-first internally
             return
         self._handles.append(module.register_forward_hook(
             lambda m, args, out: self._on_forward(name, m, args, out, bd)))

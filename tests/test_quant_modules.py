@@ -157,6 +157,71 @@ def test_calibrate_over_batches_sets_activation_scales():
         calibrate(model, [], progress=False)
 
 
+def _modes(model):
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def test_quantize_model_keeps_each_module_mode():
+    model = SmallNet()
+    model.attn.dropout = 0.5  # attention dropout is only off in eval mode
+    x = torch.randn(2, 3, 4, 4)
+    q = quantize_model(model.eval())
+    assert not any(_modes(q).values())
+    torch.testing.assert_close(q(x), q(x), rtol=0, atol=0)
+    model.train()
+    model.head.eval()
+    model.attn.out_proj.eval()
+    q = quantize_model(model)
+    assert q.attn.training and q.proj.training and q.conv.input_quantizer.training
+    assert not q.head.training and not q.head.weight_quantizer.training and not q.attn.out_proj.training
+
+
+class KeywordNet(nn.Module):
+    """Takes its images by keyword, as transformers' DetrForObjectDetection does."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 4)
+
+    def forward(self, *, pixel_values, scale=1.0):
+        return self.proj(pixel_values.permute(0, 2, 3, 1) * scale)
+
+
+def test_calibrate_dict_batches_are_keyword_inputs():
+    model = quantize_model(KeywordNet(), QuantConfig(a_bits=8, a_signed=True))
+    batches = [{"pixel_values": torch.randn(2, 3, 4, 4)}, {"pixel_values": torch.randn(1, 3, 5, 5), "scale": 3.0}]
+    calibrate(model, batches, progress=False)
+    expected = max(batches[0]["pixel_values"].abs().max(), 3.0 * batches[1]["pixel_values"].abs().max()) / 127
+    assert model.proj.input_quantizer.scale.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_calibrate_that_raises_restores_quantizers_and_modes():
+    model = quantize_model(SmallNet(), QuantConfig(w_bits=8, a_bits=8))
+    model(torch.randn(1, 3, 4, 4))  # initialises the activation scales
+    model.train()
+    model.norm.eval()
+    modes, scales = _modes(model), {n: p.clone() for n, p in model.named_parameters() if n.endswith("scale")}
+    quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
+
+    def fails_on_second(m, batch):
+        if batch.shape[0] == 2:
+            raise RuntimeError("bad batch")
+        m(batch)
+
+    with pytest.raises(RuntimeError, match="bad batch"):
+        calibrate(model, [torch.randn(1, 3, 4, 4) * 9, torch.randn(2, 3, 4, 4)], forward_fn=fails_on_second,
+                  method="mse", progress=False)
+    assert not any(q.observing for q in quantizers)
+    assert all(q.method == "max" for q in quantizers)
+    assert _modes(model) == modes
+    for name, p in model.named_parameters():
+        if name.endswith("scale"):
+            torch.testing.assert_close(p, scales[name], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="batches"):
+        calibrate(model, [], progress=False)
+    assert not any(q.observing for q in quantizers)
+
+
 def test_export_codes_reproduce_fake_quantized_weights(tmp_path):
     model = quantize_model(SmallNet(), QuantConfig(w_bits=3, a_bits=8))
     exported = export_quantized(model)

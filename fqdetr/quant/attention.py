@@ -16,12 +16,16 @@ from torch import nn
 
 import fqkernels as fk
 from fqdetr.quant.config import LayerQuantConfig
-from fqdetr.quant.modules import QuantLinear, float_linear_collecting
+from fqdetr.quant.modules import QuantLinear, quantized_linear
 from fqdetr.quant.quantizer import Quantizer
 
 
 class QuantMultiheadAttention(nn.MultiheadAttention):
     """Same call signature and outputs as nn.MultiheadAttention (batch_first either way)."""
+
+    # The in- and out-projections run on sequence-first [L, N, E] tensors whatever batch_first
+    # says, so their per-sample Fisher finds the samples on this dimension.
+    PROJECTION_SAMPLE_DIM = 1
 
     @classmethod
     def from_float(cls, mha, config=None):
@@ -33,22 +37,19 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
                 batch_first=mha.batch_first, device=w.device, dtype=w.dtype)
         q.in_proj_weight, q.in_proj_bias = mha.in_proj_weight, mha.in_proj_bias
         q.out_proj = QuantLinear.from_float(mha.out_proj, config)
-        q.out_proj.fisher_batch_dim = 1  # its input is always sequence-first here
         q.quant_config = config
-        make = lambda bits, signed, channels=1, axis=None: Quantizer(  # noqa: E731
-            bits, signed, channels, axis, config.calibration, config.percentile, config.lsq_grad_scale)
-        q.weight_quantizer = make(config.w_bits, True, 3 * mha.embed_dim, 0)
-        q.weight_quantizer.init_from(q.in_proj_weight)
+        q.weight_quantizer = Quantizer.for_weight(config, q.in_proj_weight)
         q.input_quantizers = nn.ModuleList(
-            [make(config.a_bits, config.a_signed) for _ in range(3)] if config.a_bits is not None else [])
+            [Quantizer.from_config(config, config.a_bits, config.a_signed) for _ in range(3)]
+            if config.a_bits is not None else [])
         q.product_quantizers = nn.ModuleDict()
         if config.quantize_attention:
-            b = config.attn_bits
-            q.product_quantizers.update({"q": make(b, True), "k": make(b, True), "attn": make(b, False),
-                                         "v": make(b, True)})
+            q.product_quantizers.update({name: Quantizer.from_config(config, config.attn_bits, signed)
+                                         for name, signed in (("q", True), ("k", True), ("attn", False),
+                                                              ("v", True))})
         q.fake_quant_enabled = True
-        q.fisher_accumulator = None  # [3E, E]; the projections' inputs are sequence-first
-        q.fisher_batch_dim = 1
+        q.fisher_accumulator = None  # [3E, E]
+        q.fisher_batch_dim = q.out_proj.fisher_batch_dim = cls.PROJECTION_SAMPLE_DIM
         return q
 
     def to_float(self):
@@ -61,25 +62,9 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
 
     def _project(self, x, i):
         """x [L, N, E] -> the i-th (q, k, v) projection [L, N, E]."""
-        E = self.embed_dim
-        w = self.in_proj_weight[i * E:(i + 1) * E]
-        b = self.in_proj_bias[i * E:(i + 1) * E] if self.in_proj_bias is not None else None
-        fisher = self.fisher_accumulator[i * E:(i + 1) * E] if self.fisher_accumulator is not None else None
-        if not self.fake_quant_enabled:
-            if fisher is not None:
-                return float_linear_collecting(x, w, b, fisher, self.fisher_batch_dim)
-            return F.linear(x, w, b)
         aq = self.input_quantizers[i] if len(self.input_quantizers) else None
-        wq = self.weight_quantizer
-        if wq.offset is not None:  # perturbed quantized weights: unfused path
-            wfq = fk.fake_quant(w, wq.scale[i * E:(i + 1) * E], wq.bits, True, 0) + wq.offset[i * E:(i + 1) * E]
-            return F.linear(aq(x) if aq is not None else x, wfq, b)
-        return fk.quant_linear(
-            x, w, b, w_scale=wq.scale[i * E:(i + 1) * E], a_scale=aq.prepare(x) if aq is not None else None,
-            w_bits=wq.bits, a_bits=aq.bits if aq is not None else None,
-            a_signed=bool(aq.signed) if aq is not None else True, fisher=fisher,
-            fisher_batch_dim=self.fisher_batch_dim, w_grad_factor=wq.grad_factor(self.in_proj_weight),
-            a_grad_factor=aq.grad_factor(x) if aq is not None else 1.0)
+        rows = slice(i * self.embed_dim, (i + 1) * self.embed_dim)
+        return quantized_linear(self, x, self.in_proj_weight, self.in_proj_bias, aq, rows)
 
     def _product(self, a, b, name_a, name_b):
         """a @ b, through quant_matmul when the attention products are quantized."""

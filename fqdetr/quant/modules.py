@@ -50,15 +50,49 @@ def linear_with_fisher(x, batch_dim, fused):
     return y.reshape(*moved.shape[:-1], y.shape[-1]).movedim(0, batch_dim)
 
 
-def _make_quantizers(module, config, channels):
-    module.weight_quantizer = Quantizer(config.w_bits, True, channels, 0, config.calibration, config.percentile,
-                                        config.lsq_grad_scale)
-    module.weight_quantizer.init_from(module.weight)
+def _make_quantizers(module, config):
+    module.weight_quantizer = Quantizer.for_weight(config, module.weight)
     module.input_quantizer = None
     if config.a_bits is not None:
-        module.input_quantizer = Quantizer(config.a_bits, config.a_signed, 1, None, config.calibration,
-                                           config.percentile, config.lsq_grad_scale)
+        module.input_quantizer = Quantizer.from_config(config, config.a_bits, config.a_signed)
     module.fake_quant_enabled = True
+
+
+def _rows(t, rows):
+    return t[rows] if t is not None and rows is not None else t
+
+
+def quantized_linear(module, x, weight, bias, input_quantizer, rows=None):
+    """x Qw(W)^T + b with x fake-quantized by ``input_quantizer`` (None: left in float): the one
+    linear path of the quantized modules. x [*, K] -> [*, M].
+
+    module: a QuantLinear or QuantMultiheadAttention (its ``weight_quantizer``,
+    ``fake_quant_enabled``, ``fisher_accumulator`` and ``fisher_batch_dim`` apply).
+    weight [M_all, K], bias [M_all] or None; ``rows`` (a slice) picks M of the M_all output
+    channels from the weight, bias, weight scales and Fisher buffer (one of the attention's
+    packed q/k/v projections).
+    """
+    wq, fisher = module.weight_quantizer, module.fisher_accumulator
+    w_grad_factor = wq.grad_factor(weight)  # of the whole weight, which the scale vector covers
+    weight, bias, w_scale, offset, fisher = (_rows(t, rows) for t in (weight, bias, wq.scale, wq.offset, fisher))
+    if not module.fake_quant_enabled:
+        if fisher is not None:
+            return float_linear_collecting(x, weight, bias, fisher, module.fisher_batch_dim)
+        return F.linear(x, weight, bias)
+    aq = input_quantizer
+    if offset is not None:  # perturbed quantized weights (fqdetr.regularize): unfused path
+        w = fk.fake_quant(weight, w_scale, wq.bits, True, 0, w_grad_factor) + offset
+        return F.linear(aq(x) if aq is not None else x, w, bias)
+    act = {"a_bits": None}
+    if aq is not None:
+        act = {"a_scale": aq.prepare(x), "a_bits": aq.bits, "a_signed": bool(aq.signed),
+               "a_grad_factor": aq.grad_factor(x)}
+
+    def fused(inp, batch_dim):
+        return fk.quant_linear(inp, weight, bias, w_scale=w_scale, w_bits=wq.bits, fisher=fisher,
+                               fisher_batch_dim=batch_dim, w_grad_factor=w_grad_factor, **act)
+
+    return linear_with_fisher(x, module.fisher_batch_dim, fused) if fisher is not None else fused(x, 0)
 
 
 class QuantLinear(nn.Linear):
@@ -71,7 +105,7 @@ class QuantLinear(nn.Linear):
     def __init__(self, in_features, out_features, bias=True, config=None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.quant_config = config or LayerQuantConfig()
-        _make_quantizers(self, self.quant_config, out_features)
+        _make_quantizers(self, self.quant_config)
         self.fisher_accumulator = None
         self.fisher_batch_dim = 0
 
@@ -91,24 +125,7 @@ class QuantLinear(nn.Linear):
         return linear
 
     def forward(self, x):
-        fisher = self.fisher_accumulator
-        if not self.fake_quant_enabled:
-            if fisher is not None:
-                return float_linear_collecting(x, self.weight, self.bias, fisher, self.fisher_batch_dim)
-            return F.linear(x, self.weight, self.bias)
-        wq, aq = self.weight_quantizer, self.input_quantizer
-        if wq.offset is not None:  # perturbed quantized weights: unfused path
-            return F.linear(aq(x) if aq is not None else x, wq(self.weight), self.bias)
-        a_scale = aq.prepare(x) if aq is not None else None
-
-        def fused(inp, batch_dim):
-            return fk.quant_linear(
-                inp, self.weight, self.bias, w_scale=wq.scale, a_scale=a_scale, w_bits=wq.bits,
-                a_bits=aq.bits if aq is not None else None, a_signed=bool(aq.signed) if aq is not None else True,
-                fisher=fisher, fisher_batch_dim=batch_dim, w_grad_factor=wq.grad_factor(self.weight),
-                a_grad_factor=aq.grad_factor(inp) if aq is not None else 1.0)
-
-        return linear_with_fisher(x, self.fisher_batch_dim, fused) if fisher is not None else fused(x, 0)
+        return quantized_linear(self, x, self.weight, self.bias, self.input_quantizer)
 
 
 class QuantConv2d(nn.Conv2d):
@@ -120,7 +137,7 @@ class QuantConv2d(nn.Conv2d):
     def __init__(self, *args, config=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.quant_config = config or LayerQuantConfig()
-        _make_quantizers(self, self.quant_config, self.out_channels)
+        _make_quantizers(self, self.quant_config)
         self.fisher_accumulator = None  # [out, in/groups, kh, kw], set by fqdetr.FisherCollector
 
     @classmethod

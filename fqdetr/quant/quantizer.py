@@ -70,6 +70,20 @@ class Quantizer(nn.Module):
         # fqdetr.regularize perturbs the quantized weights with the codes frozen.
         self.offset = None
 
+    @classmethod
+    def for_weight(cls, config, weight):
+        """Signed per-output-channel quantizer of ``weight`` [out, ...] under a LayerQuantConfig,
+        its scale set from the weight."""
+        quantizer = cls.from_config(config, config.w_bits, signed=True, channels=weight.shape[0], axis=0)
+        quantizer.init_from(weight)
+        return quantizer
+
+    @classmethod
+    def from_config(cls, config, bits, signed, channels=1, axis=None):
+        """A quantizer with a LayerQuantConfig's calibration method, percentile and LSQ setting."""
+        return cls(bits=bits, signed=signed, channels=channels, axis=axis, method=config.calibration,
+                   percentile=config.percentile, lsq_grad_scale=config.lsq_grad_scale)
+
     def extra_repr(self):
         sign = {True: "signed", False: "unsigned", None: "sign from data"}[self.signed]
         where = "per tensor" if self.axis is None else f"per channel (axis {self.axis})"
@@ -99,8 +113,17 @@ class Quantizer(nn.Module):
             self.scale.mul_(old_qmax / reference.qrange(bits, self.signed)[1])
         self.bits = bits
 
+    @property
+    def observing(self):
+        """True between start_observing() and finish_observing() / stop_observing()."""
+        return self._observed is not None
+
     def start_observing(self):
         self._observed = []
+
+    def stop_observing(self):
+        """Drops what was observed since start_observing() and leaves the scale as it is."""
+        self._observed = None
 
     @torch.no_grad()
     def finish_observing(self):

@@ -50,6 +50,17 @@ def _describe(qmodule, cfg):
     return f"{type(qmodule).__name__} w{cfg.w_bits}{a}{extra}"
 
 
+def _with_modes_of(float_module, qmodule):
+    """qmodule with float_module's train/eval mode (a new module starts in training mode, which
+    would turn dropout back on in an eval-mode model); its own new submodules follow it."""
+    qmodule.train(float_module.training)
+    float_parts = dict(float_module.named_modules())
+    for name, part in qmodule.named_modules():
+        if name in float_parts:
+            part.train(float_parts[name].training)
+    return qmodule
+
+
 def _swap_children(parent, prefix, config, report):
     for child_name, child in parent.named_children():
         name = f"{prefix}.{child_name}" if prefix else child_name
@@ -65,7 +76,7 @@ def _swap_children(parent, prefix, config, report):
         if layer_cfg is None:
             report.skipped.append(name)
             continue
-        qchild = target.from_float(child, layer_cfg)
+        qchild = _with_modes_of(child, target.from_float(child, layer_cfg))
         setattr(parent, child_name, qchild)
         report.swapped[name] = _describe(qchild, layer_cfg)
 
