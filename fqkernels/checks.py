@@ -37,10 +37,24 @@ def check_same_device(ref, ref_name, t, name):
         raise ValueError(f"{name}: expected a tensor on {ref_name}'s device {ref.device}, got {t.device}")
 
 
+def check_scale_values(scale, name):
+    """Every element of ``scale`` finite and positive. Eagerly a ValueError (reading the
+    values synchronises a GPU once per call). Under torch.compile / torch.export a Python
+    branch on tensor values cannot be traced (a data-dependent guard): the check becomes
+    an assert node of the graph, which raises when the compiled code runs."""
+    if not scale.numel():
+        return
+    ok = torch.isfinite(scale).all() & (scale > 0).all()
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, f"{name}: expected finite positive values (NaN/Inf or <= 0 present)")
+    elif not bool(ok):
+        raise ValueError(f"{name}: expected finite positive values, got min {scale.min().item():g} "
+                         f"(NaN/Inf or <= 0 present)")
+
+
 def as_scale(scale, name, like, numel):
     """Turns a float or tensor scale into a float32 tensor of ``numel`` elements,
-    checking that every element is finite and positive (this reads the values, so on
-    a GPU it synchronises once per call)."""
+    checking that every element is finite and positive (``check_scale_values``)."""
     if isinstance(scale, (int, float)) and not isinstance(scale, bool):
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"{name}: expected a finite positive scale, got {scale}")
@@ -49,9 +63,7 @@ def as_scale(scale, name, like, numel):
     check_same_device(like, "the input", scale, name)
     if scale.numel() != numel:
         raise ValueError(f"{name}: expected {numel} element(s), got shape {list(scale.shape)}")
-    if numel and not bool(torch.isfinite(scale).all() & (scale > 0).all()):
-        raise ValueError(f"{name}: expected finite positive values, got min {scale.min().item():g} "
-                         f"(NaN/Inf or <= 0 present)")
+    check_scale_values(scale, name)
     return scale if scale.dtype == torch.float32 else scale.float()
 
 

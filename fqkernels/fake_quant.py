@@ -5,11 +5,12 @@ registry; two torch.library custom ops (forward, backward) with fake impls so
 torch.compile can trace them; an autograd.Function; the public ``fake_quant``.
 """
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from fqkernels import _ext, backends, checks, composite, reference
+from fqkernels.util import owned_output
 
 
 class _Reference:
@@ -63,38 +64,52 @@ backends.register("fake_quant", "cuda", _Compiled("cuda"))
 @torch.library.custom_op("fqkernels::fake_quant_forward", mutates_args=())
 def fake_quant_forward_op(x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool, axis: Optional[int],
                           backend: str) -> torch.Tensor:
-    return backends.impl("fake_quant", backend).forward(x, scale, bits, signed, axis)
+    """Returns a contiguous tensor shaped like x (whatever x's strides: see util.owned_output)."""
+    return owned_output(backends.impl("fake_quant", backend).forward(x, scale, bits, signed, axis))
 
 
 @fake_quant_forward_op.register_fake
 def _(x, scale, bits, signed, axis, backend):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("fqkernels::fake_quant_backward", mutates_args=())
 def fake_quant_backward_op(grad_y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool,
                            axis: Optional[int], grad_factor: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return backends.impl("fake_quant", backend).backward(grad_y, x, scale, bits, signed, axis, grad_factor)
+    """Returns (grad_x, grad_scale), both contiguous."""
+    grad_x, grad_scale = backends.impl("fake_quant", backend).backward(grad_y, x, scale, bits, signed, axis,
+                                                                       grad_factor)
+    return grad_x.contiguous(), grad_scale.contiguous()
 
 
 @fake_quant_backward_op.register_fake
 def _(grad_y, x, scale, bits, signed, axis, grad_factor, backend):
-    return torch.empty_like(x), torch.empty_like(scale)
+    return x.new_empty(x.shape), scale.new_empty(scale.shape, dtype=torch.float32)
+
+
+class FakeQuantConfig(NamedTuple):
+    """The non-tensor arguments of one fake_quant call."""
+    bits: int
+    signed: bool
+    axis: Optional[int]
+    grad_factor: float
+    backend: str
 
 
 class FakeQuantFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, bits, signed, axis, grad_factor, backend):
+    def forward(ctx, x, scale, config):
         ctx.save_for_backward(x, scale)
-        ctx.config = (bits, signed, axis, grad_factor, backend)
-        return fake_quant_forward_op(x, scale, bits, signed, axis, backend)
+        ctx.config = config
+        return fake_quant_forward_op(x, scale, config.bits, config.signed, config.axis, config.backend)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, scale = ctx.saved_tensors
-        bits, signed, axis, grad_factor, backend = ctx.config
-        grad_x, grad_scale = fake_quant_backward_op(grad_y, x, scale, bits, signed, axis, grad_factor, backend)
-        return grad_x, grad_scale.reshape(scale.shape), None, None, None, None, None
+        c = ctx.config
+        grad_x, grad_scale = fake_quant_backward_op(grad_y, x, scale, c.bits, c.signed, c.axis, c.grad_factor,
+                                                    c.backend)
+        return grad_x, grad_scale.reshape(scale.shape), None
 
 
 def lsq_grad_factor(numel, bits, signed=True):
@@ -120,4 +135,4 @@ def fake_quant(x, scale, bits=4, signed=True, axis=None, grad_factor=1.0, backen
     if composite.active():
         return composite.fake_quant(x, scale, bits, bool(signed), axis, float(grad_factor))
     name = backends.backend_for("fake_quant", x, backend)
-    return FakeQuantFunction.apply(x, scale, bits, bool(signed), axis, float(grad_factor), name)
+    return FakeQuantFunction.apply(x, scale, FakeQuantConfig(bits, bool(signed), axis, float(grad_factor), name))

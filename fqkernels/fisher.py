@@ -11,12 +11,12 @@ sq_norms, accumulate_fisher)``, writing the outputs it is given (None: not wante
 Inputs are read through their strides (either layout, no copy): x [N, T, K]
 (batch_dim 0), [T, N, K] (batch_dim 1) or [N, K] (T = 1); grad_out alike with M features.
 """
-import importlib
 from typing import Optional
 
 import torch
 
 from fqkernels import _ext, backends, checks, reference
+from fqkernels.util import Lazy
 
 OUT_DTYPES = (torch.float32, torch.float64)
 
@@ -88,18 +88,10 @@ class _Compiled:
             _ext._cuda.per_sample_fisher(*args, stream=_ext.stream_of(x))
 
 
-class _LazyTriton:
-    """fqkernels.triton.fisher, imported on first use (TRITON_INTERPRET must be set first)."""
-
-    @staticmethod
-    def compute(*args):
-        return importlib.import_module("fqkernels.triton.fisher").compute(*args)
-
-
 backends.register("per_sample_fisher", "reference", _Reference())
 backends.register("per_sample_fisher", "cpu", _Compiled("cpu"))
 backends.register("per_sample_fisher", "cuda", _Compiled("cuda"))
-backends.register("per_sample_fisher", "triton", _LazyTriton())
+backends.register("per_sample_fisher", "triton", Lazy("fqkernels.triton.fisher"))
 
 
 @torch.library.custom_op("fqkernels::per_sample_fisher_", mutates_args=("fisher", "grad_weight", "sq_norms"))

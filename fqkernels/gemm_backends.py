@@ -5,15 +5,18 @@ scale-gradient reduction in their epilogues). Shared by the `triton` backend
 which differ only in the quant_gemm they pass in:
 
     quant_gemm(a [Z,M,K], b [Z,K,N], out [Z,M,N] float32, qa, qb, b_scale=SCALE_TENSOR,
-               bias=None, ste=None) -> out
+               bias=None, ste=None) -> out          (qa, qb: Quant or None; ste: Ste or None)
 
     forward   y  = Qa(x) Qw(W)^T + b          integer path when both fit int8
     backward  dX = STE_a(dY Qw(W))            + grad_a_scale (epilogue, per tensor)
               dW = STE_w(dY^T Qa(x))          + grad_w_scale (epilogue, per row)
 """
+from typing import NamedTuple, Optional
+
 import torch
 
 from fqkernels import _ext, reference
+from fqkernels.util import accumulate_fisher
 
 # B operand scale layouts.
 SCALE_TENSOR, SCALE_PER_N, SCALE_PER_K = 0, 1, 2
@@ -36,6 +39,18 @@ class Quant:
     @property
     def fits_int8(self):
         return self.qmin >= -128 and self.qmax <= 127
+
+
+class Ste(NamedTuple):
+    """The STE epilogue of a backward GEMM: the output is the gradient of fake-quantized
+    ``e`` (shaped and strided like the output); it is masked where e's codes are out of
+    range, and the LSQ scale gradient (times ``grad_factor``) is ADDED into ``grad_scale``
+    (zero it first): one element, or one per output row when ``per_row``."""
+    e: torch.Tensor
+    quant: Quant
+    per_row: bool
+    grad_factor: float
+    grad_scale: torch.Tensor
 
 
 def use_int_dot(qa, qb, K, b_scale):
@@ -67,8 +82,8 @@ class QuantLinear:
         out = torch.empty(x2.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
         qa = None if a_bits is None else Quant(a_scale, a_bits, a_signed)
         self.quant_gemm(_3d(x2), _3d(weight.t()), _3d(out), qa, Quant(w_scale, w_bits, True), SCALE_PER_N,
-                   bias=None if bias is None else bias.float().contiguous())
-        return out.reshape(*x.shape[:-1], weight.shape[0]).to(dtype)
+                        bias=None if bias is None else bias.float().contiguous())
+        return out.to(dtype)  # [R, M], R = rows of x: the caller restores x's leading dims
 
     def backward(self, grad_y, x, weight, w_scale, a_scale, w_bits, a_bits, a_signed=True, w_grad_factor=1.0,
                  a_grad_factor=1.0, fisher=None, batch_dim=0):
@@ -81,15 +96,13 @@ class QuantLinear:
         qw = Quant(w_scale, w_bits, True)
         grad_x = torch.empty(x2.shape, dtype=torch.float32, device=x.device)
         grad_a_scale = None if qa is None else torch.zeros(1, dtype=torch.float32, device=x.device)
-        ste_a = None if qa is None else (_3d(x2), qa, False, a_grad_factor, grad_a_scale)
+        ste_a = None if qa is None else Ste(_3d(x2), qa, False, a_grad_factor, grad_a_scale)
         self.quant_gemm(_3d(g), _3d(weight), _3d(grad_x), None, qw, SCALE_PER_K, ste=ste_a)
         grad_w = torch.empty(weight.shape, dtype=torch.float32, device=x.device)
         grad_w_scale = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device)
         self.quant_gemm(_3d(g.t()), _3d(x2), _3d(grad_w), None, qa, SCALE_TENSOR,
-                   ste=(_3d(weight), qw, True, w_grad_factor, grad_w_scale))
+                        ste=Ste(_3d(weight), qw, True, w_grad_factor, grad_w_scale))
         if fisher is not None:
-            from fqkernels.quant_linear import accumulate_fisher  # the op module imports this one lazily
-
             xq = x if a_bits is None else reference.fake_quant_forward(x, a_scale, a_bits, a_signed)
             accumulate_fisher(fisher, xq.float(), grad_y.float(), weight, w_scale, w_bits, batch_dim)
         return (grad_x.reshape(x.shape).to(dtypes[0]), grad_w.to(dtypes[1]), g.float().sum(0),
@@ -108,9 +121,10 @@ class QuantMatmul:
     def forward(self, a, b, a_scale, b_scale, a_bits, b_bits, a_signed=True, b_signed=True):
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         a3, b3 = _batched(a, batch), _batched(b.to(a.dtype), batch)
-        out = torch.empty(a3.shape[0], a3.shape[1], b3.shape[2], dtype=torch.float32, device=a.device)
-        self.quant_gemm(a3, b3, out, Quant(a_scale, a_bits, a_signed), Quant(b_scale, b_bits, b_signed))
-        return out.reshape(*batch, *out.shape[1:]).to(a.dtype)
+        out = torch.empty(*batch, a.shape[-2], b.shape[-1], dtype=torch.float32, device=a.device)
+        self.quant_gemm(a3, b3, out.view(a3.shape[0], a.shape[-2], b.shape[-1]), Quant(a_scale, a_bits, a_signed),
+                        Quant(b_scale, b_bits, b_signed))
+        return out.to(a.dtype)  # allocated in the output's shape: no view of a tensor made here
 
     def backward(self, grad_y, a, b, a_scale, b_scale, a_bits, b_bits, a_signed=True, b_signed=True,
                  a_grad_factor=1.0, b_grad_factor=1.0):
@@ -123,8 +137,8 @@ class QuantMatmul:
         g = _batched(grad_y.contiguous(), batch)
         grad_a, grad_b = torch.empty(a3.shape, device=a.device), torch.empty(b3.shape, device=a.device)
         grad_sa, grad_sb = torch.zeros(1, device=a.device), torch.zeros(1, device=a.device)
-        self.quant_gemm(g, b3.transpose(1, 2), grad_a, None, qb, ste=(a3, qa, False, a_grad_factor, grad_sa))
-        self.quant_gemm(a3.transpose(1, 2), g, grad_b, qa, None, ste=(b3, qb, False, b_grad_factor, grad_sb))
+        self.quant_gemm(g, b3.transpose(1, 2), grad_a, None, qb, ste=Ste(a3, qa, False, a_grad_factor, grad_sa))
+        self.quant_gemm(a3.transpose(1, 2), g, grad_b, qa, None, ste=Ste(b3, qb, False, b_grad_factor, grad_sb))
         return (grad_a.reshape(a.shape).to(a.dtype), grad_b.reshape(b.shape).to(b.dtype),
                 grad_sa.reshape(a_scale.shape), grad_sb.reshape(b_scale.shape))
 
@@ -142,15 +156,15 @@ class QuantMatmul:
         return ga.to(a.dtype), gb.to(b.dtype), gsa, gsb
 
 
-def cuda_quant_gemm(a, b, out, qa=None, qb=None, b_scale=SCALE_TENSOR, bias=None, ste=None):
+def cuda_quant_gemm(a, b, out, qa=None, qb=None, b_scale=SCALE_TENSOR, bias=None, ste: Optional[Ste] = None):
     """quant_gemm on fqkernels._cuda (same contract as the Triton launcher)."""
-    e, qe, per_row, grad_factor, grad_scale = ste if ste is not None else (None, None, False, 1.0, None)
     ident = Quant.identity(a.device)
-    qa_, qb_, qe_ = (q or ident for q in (qa, qb, qe))
+    qa_, qb_, qe_ = (q or ident for q in (qa, qb, None if ste is None else ste.quant))
     dl = _ext.dl
     _ext._cuda.quant_gemm(
         dl(a), dl(b), dl(out), qa is not None, dl(qa_.scale), qa_.bits, qa_.signed, qb is not None,
         dl(qb_.scale), qb_.bits, qb_.signed, b_scale, use_int_dot(qa, qb, a.shape[2], b_scale),
-        None if bias is None else dl(bias), None if e is None else dl(e), dl(qe_.scale), qe_.bits, qe_.signed,
-        per_row, grad_factor, None if grad_scale is None else dl(grad_scale), stream=_ext.stream_of(a))
+        None if bias is None else dl(bias), None if ste is None else dl(ste.e), dl(qe_.scale), qe_.bits,
+        qe_.signed, ste is not None and ste.per_row, 1.0 if ste is None else ste.grad_factor,
+        None if ste is None else dl(ste.grad_scale), stream=_ext.stream_of(a))
     return out

@@ -15,59 +15,18 @@ Backends (all with reference.quant_linear_forward/backward's signatures):
   cuda       csrc/cuda/quant_linear.cu (same semantics, int8 WMMA for the integer path);
              both through fqkernels/gemm_backends.py.
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from fqkernels import _ext, backends, checks, composite, gemm_backends, reference
-from fqkernels import fisher as fisher_ops
+from fqkernels.util import Lazy, accumulate_fisher, cpu_fake_quant, cpu_ste_backward_, f32, owned_output
 
 
 class _Reference:
     forward = staticmethod(reference.quant_linear_forward)
     backward = staticmethod(reference.quant_linear_backward)
-
-
-def accumulate_fisher(fisher, xq, grad_y, weight, w_scale, w_bits, batch_dim):
-    """Fisher hook shared by the backends: fisher += mask_w * sum_n (D_n^T Qa(X_n))^2.
-
-    Goes through the per_sample_fisher registry, so the fused Fisher kernels are used
-    as soon as they are registered there (fqkernels/fisher.py)."""
-    mask = reference.ste_mask(weight, w_scale, w_bits, True, axis=0)
-    fisher += mask * fisher_ops.per_sample_fisher(xq, grad_y, batch_dim=batch_dim, dtype=fisher.dtype)
-
-
-def _f32(t):
-    return t.float().contiguous()
-
-
-def cpu_fake_quant(x, scale, bits, signed, axis=None):
-    """C++ fake quantization of a contiguous float32 tensor into a new one."""
-    out = torch.empty_like(x)
-    _ext._cpu.fake_quant_forward(_ext.dl(x), _ext.dl(scale), _ext.dl(out), bits, signed, axis)
-    return out
-
-
-def cpu_ste_backward_(grad, x, scale, bits, signed, axis, grad_factor):
-    """grad <- STE-mask(grad) in place; returns the LSQ scale gradient (one C++ pass)."""
-    grad_scale = torch.empty_like(scale)
-    _ext._cpu.fake_quant_backward(_ext.dl(grad), _ext.dl(x), _ext.dl(scale), _ext.dl(grad), _ext.dl(grad_scale),
-                                  bits, signed, axis, grad_factor)
-    return grad_scale
-
-
-class Lazy:
-    """A backend implementation imported on first use (triton is optional, slow to import,
-    and TRITON_INTERPRET must be set before its kernels are defined)."""
-
-    def __init__(self, module, name):
-        self.module, self.name = module, name
-
-    def __getattr__(self, attr):
-        import importlib
-
-        return getattr(getattr(importlib.import_module(self.module), self.name), attr)
 
 
 class _Cpu:
@@ -86,32 +45,35 @@ class _Cpu:
             return None
         if _ext._cpu.quant_act_codes(_ext.dl(x2), _ext.dl(a_scale), _ext.dl(x_codes), a_bits, a_signed):
             return None
-        acc = torch._int_mm(x_codes, w_codes_t)
+        # The epilogue scales the int32 accumulator in place into float32: the float32 tensor
+        # owns the memory, so the output is no view (see util.owned_output).
+        y = torch.empty(x2.shape[0], w.shape[0], dtype=torch.float32)
+        acc = torch._int_mm(x_codes, w_codes_t, out=y.view(torch.int32))
         _ext._cpu.int_accum_epilogue(_ext.dl(acc), _ext.dl(a_scale), _ext.dl(w_scale), _ext.dl(row_sums),
                                      None if bias is None else _ext.dl(bias), a_bits, a_signed)
-        return acc.view(torch.float32)
+        return y
 
     def forward(self, x, weight, bias, w_scale, a_scale, w_bits, a_bits, a_signed=True):
-        x2, w = _f32(x.reshape(-1, x.shape[-1])), _f32(weight)
-        bias = None if bias is None else _f32(bias)
-        w_scale = _f32(w_scale)
+        x2, w = f32(x.reshape(-1, x.shape[-1])), f32(weight)
+        bias = None if bias is None else f32(bias)
+        w_scale = f32(w_scale)
         y = None
         if a_bits is not None:
-            a_scale = _f32(a_scale).reshape(1)
+            a_scale = f32(a_scale).reshape(1)
             y = self._int_forward(x2, w, bias, w_scale, a_scale, w_bits, a_bits, a_signed)
         if y is None:
             xq = x2 if a_bits is None else cpu_fake_quant(x2, a_scale, a_bits, a_signed)
             y = F.linear(xq, cpu_fake_quant(w, w_scale, w_bits, True, 0), bias)
-        return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+        return y.to(x.dtype)
 
     def backward(self, grad_y, x, weight, w_scale, a_scale, w_bits, a_bits, a_signed=True, w_grad_factor=1.0,
                  a_grad_factor=1.0, fisher=None, batch_dim=0):
-        x2, w = _f32(x.reshape(-1, x.shape[-1])), _f32(weight)
-        g = _f32(grad_y.reshape(-1, grad_y.shape[-1]))
-        w_scale = _f32(w_scale)
+        x2, w = f32(x.reshape(-1, x.shape[-1])), f32(weight)
+        g = f32(grad_y.reshape(-1, grad_y.shape[-1]))
+        w_scale = f32(w_scale)
         xq = x2
         if a_bits is not None:
-            a_scale = _f32(a_scale).reshape(1)
+            a_scale = f32(a_scale).reshape(1)
             xq = cpu_fake_quant(x2, a_scale, a_bits, a_signed)
         grad_x = torch.mm(g, cpu_fake_quant(w, w_scale, w_bits, True, 0))
         grad_w = torch.mm(g.t(), xq)
@@ -131,17 +93,19 @@ backends.register("quant_linear", "cpu", _Cpu())
 backends.register("quant_linear", "triton", Lazy("fqkernels.triton.quant_gemm", "QUANT_LINEAR"))
 backends.register("quant_linear", "cuda", gemm_backends.QuantLinear(gemm_backends.cuda_quant_gemm))
 
+
 @torch.library.custom_op("fqkernels::quant_linear_forward", mutates_args=())
 def quant_linear_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                             w_scale: torch.Tensor, a_scale: Optional[torch.Tensor], w_bits: int,
                             a_bits: Optional[int], a_signed: bool, backend: str) -> torch.Tensor:
-    return backends.impl("quant_linear", backend).forward(x, weight, bias, w_scale, a_scale, w_bits, a_bits,
-                                                          a_signed)
+    """x [R, K] -> contiguous [R, M] (callers flatten and restore the leading dims outside)."""
+    return owned_output(backends.impl("quant_linear", backend).forward(x, weight, bias, w_scale, a_scale, w_bits,
+                                                                       a_bits, a_signed))
 
 
 @quant_linear_forward_op.register_fake
 def _(x, weight, bias, w_scale, a_scale, w_bits, a_bits, a_signed, backend):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 @torch.library.custom_op("fqkernels::quant_linear_backward", mutates_args=("fisher",))
@@ -150,39 +114,56 @@ def quant_linear_backward_op(
     a_scale: Optional[torch.Tensor], w_bits: int, a_bits: Optional[int], a_signed: bool,
     w_grad_factor: float, a_grad_factor: float, fisher: Optional[torch.Tensor], batch_dim: int, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (grad_x, grad_weight, grad_bias, grad_w_scale, grad_a_scale); a custom op cannot
-    return None, so grad_a_scale is an empty tensor when activations are not quantized."""
+    """Returns contiguous (grad_x, grad_weight, grad_bias, grad_w_scale, grad_a_scale); a custom op
+    cannot return None, so grad_a_scale is an empty tensor when activations are not quantized."""
     grads = backends.impl("quant_linear", backend).backward(
         grad_y, x, weight, w_scale, a_scale, w_bits, a_bits, a_signed, w_grad_factor, a_grad_factor, fisher,
         batch_dim)
-    return (*grads[:4], grads[4] if grads[4] is not None else w_scale.new_empty(0))
+    grad_a_scale = grads[4] if grads[4] is not None else w_scale.new_empty(0, dtype=torch.float32)
+    return tuple(g.contiguous() for g in (*grads[:4], grad_a_scale))
 
 
 @quant_linear_backward_op.register_fake
 def _(grad_y, x, weight, w_scale, a_scale, w_bits, a_bits, a_signed, w_gf, a_gf, fisher, batch_dim, backend):
     grad_b = weight.new_empty(weight.shape[0], dtype=torch.float32)
-    grad_a = w_scale.new_empty(0) if a_scale is None else torch.empty_like(a_scale)
-    return torch.empty_like(x), torch.empty_like(weight), grad_b, torch.empty_like(w_scale), grad_a
+    grad_a = weight.new_empty(0 if a_scale is None else a_scale.shape, dtype=torch.float32)
+    return (x.new_empty(x.shape), weight.new_empty(weight.shape), grad_b,
+            weight.new_empty(w_scale.shape, dtype=torch.float32), grad_a)
+
+
+class LinearConfig(NamedTuple):
+    """The non-tensor arguments of one quant_linear call."""
+    w_bits: int
+    a_bits: Optional[int]
+    a_signed: bool
+    w_grad_factor: float
+    a_grad_factor: float
+    fisher_batch_dim: int
+    backend: str
 
 
 class QuantLinearFunction(torch.autograd.Function):
+    """x [*, K] -> [R, M], R the product of x's leading dims: the output owns its memory, and
+    the caller's reshape to [*, M] is an ordinary view that autograd tracks."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, w_scale, a_scale, config, fisher):
         ctx.save_for_backward(x, weight, w_scale, a_scale)
         ctx.config, ctx.fisher, ctx.has_bias = config, fisher, bias is not None
-        w_bits, a_bits, a_signed, _, _, _, backend = config
-        return quant_linear_forward_op(x, weight, bias, w_scale, a_scale, w_bits, a_bits, a_signed, backend)
+        return quant_linear_forward_op(x.reshape(-1, x.shape[-1]), weight, bias, w_scale, a_scale, config.w_bits,
+                                       config.a_bits, config.a_signed, config.backend)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, w_scale, a_scale = ctx.saved_tensors
-        w_bits, a_bits, a_signed, w_gf, a_gf, batch_dim, backend = ctx.config
+        c = ctx.config
+        grad_y = grad_y.reshape(*x.shape[:-1], weight.shape[0])  # the Fisher reads samples in x's layout
         grad_x, grad_w, grad_b, grad_ws, grad_as = quant_linear_backward_op(
-            grad_y, x, weight, w_scale, a_scale, w_bits, a_bits, a_signed, w_gf, a_gf, ctx.fisher, batch_dim,
-            backend)
+            grad_y, x, weight, w_scale, a_scale, c.w_bits, c.a_bits, c.a_signed, c.w_grad_factor, c.a_grad_factor,
+            ctx.fisher, c.fisher_batch_dim, c.backend)
         grad_b = grad_b.to(weight.dtype) if ctx.has_bias else None
         grad_as = grad_as if a_scale is not None else None
-        return grad_x, grad_w, grad_b, grad_ws, grad_as, None, None
+        return grad_x, grad_w, grad_b, grad_ws.reshape(w_scale.shape), grad_as, None, None
 
 
 def quant_linear(x, weight, bias=None, w_scale=None, a_scale=None, w_bits=4, a_bits=8, a_signed=True,
@@ -228,5 +209,7 @@ def quant_linear(x, weight, bias=None, w_scale=None, a_scale=None, w_bits=4, a_b
         return composite.quant_linear(x, weight, bias, w_scale, a_scale, w_bits, a_bits, bool(a_signed),
                                       float(w_grad_factor), float(a_grad_factor))
     name = backends.backend_for("quant_linear", x, backend)
-    config = (w_bits, a_bits, bool(a_signed), float(w_grad_factor), float(a_grad_factor), fisher_batch_dim, name)
-    return QuantLinearFunction.apply(x, weight, bias, w_scale, a_scale, config, fisher)
+    config = LinearConfig(w_bits, a_bits, bool(a_signed), float(w_grad_factor), float(a_grad_factor),
+                          fisher_batch_dim, name)
+    y = QuantLinearFunction.apply(x, weight, bias, w_scale, a_scale, config, fisher)
+    return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -11,10 +11,12 @@ Backends (reference.quant_matmul_forward/backward's signatures):
   triton     fqkernels/triton/quant_gemm.py, cuda csrc/cuda/quant_linear.cu: the fused
              quant_gemm of quant_linear (fqkernels/gemm_backends.py), batched.
 """
+from typing import NamedTuple
+
 import torch
 
 from fqkernels import backends, checks, composite, gemm_backends, reference
-from fqkernels.quant_linear import Lazy, cpu_fake_quant, cpu_ste_backward_
+from fqkernels.util import Lazy, cpu_fake_quant, cpu_ste_backward_, f32, owned_output
 
 
 class _Reference:
@@ -22,14 +24,10 @@ class _Reference:
     backward = staticmethod(reference.quant_matmul_backward)
 
 
-def _f32(t):
-    return t.float().contiguous()
-
-
 class _Cpu:
     @staticmethod
     def _quantized(a, b, a_scale, b_scale, a_bits, b_bits, a_signed, b_signed):
-        a, b, a_scale, b_scale = _f32(a), _f32(b), _f32(a_scale).reshape(1), _f32(b_scale).reshape(1)
+        a, b, a_scale, b_scale = f32(a), f32(b), f32(a_scale).reshape(1), f32(b_scale).reshape(1)
         return (a, b, a_scale, b_scale, cpu_fake_quant(a, a_scale, a_bits, a_signed),
                 cpu_fake_quant(b, b_scale, b_bits, b_signed))
 
@@ -42,8 +40,8 @@ class _Cpu:
         a32, b32, sa, sb, aq, bq = self._quantized(a, b, a_scale, b_scale, a_bits, b_bits, a_signed, b_signed)
         g = grad_y.float()
         # Broadcast batch dims were expanded in the product: sum them back before masking.
-        grad_a = _f32(torch.matmul(g, bq.transpose(-1, -2)).sum_to_size(a.shape))
-        grad_b = _f32(torch.matmul(aq.transpose(-1, -2), g).sum_to_size(b.shape))
+        grad_a = f32(torch.matmul(g, bq.transpose(-1, -2)).sum_to_size(a.shape))
+        grad_b = f32(torch.matmul(aq.transpose(-1, -2), g).sum_to_size(b.shape))
         grad_sa = cpu_ste_backward_(grad_a, a32, sa, a_bits, a_signed, None, a_grad_factor)
         grad_sb = cpu_ste_backward_(grad_b, b32, sb, b_bits, b_signed, None, b_grad_factor)
         return grad_a.to(a.dtype), grad_b.to(b.dtype), grad_sa.reshape(a_scale.shape), grad_sb.reshape(b_scale.shape)
@@ -58,13 +56,15 @@ backends.register("quant_matmul", "cuda", gemm_backends.QuantMatmul(gemm_backend
 @torch.library.custom_op("fqkernels::quant_matmul_forward", mutates_args=())
 def quant_matmul_forward_op(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                             a_bits: int, b_bits: int, a_signed: bool, b_signed: bool, backend: str) -> torch.Tensor:
-    return backends.impl("quant_matmul", backend).forward(a, b, a_scale, b_scale, a_bits, b_bits, a_signed,
-                                                          b_signed)
+    """Returns a contiguous [*, M, N] tensor (see util.owned_output)."""
+    return owned_output(backends.impl("quant_matmul", backend).forward(a, b, a_scale, b_scale, a_bits, b_bits,
+                                                                       a_signed, b_signed))
 
 
 @quant_matmul_forward_op.register_fake
 def _(a, b, a_scale, b_scale, a_bits, b_bits, a_signed, b_signed, backend):
-    return torch.matmul(a, b)  # fake tensors: gives the broadcast shape without computing
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return a.new_empty((*batch, a.shape[-2], b.shape[-1]))
 
 
 @torch.library.custom_op("fqkernels::quant_matmul_backward", mutates_args=())
@@ -72,13 +72,27 @@ def quant_matmul_backward_op(grad_y: torch.Tensor, a: torch.Tensor, b: torch.Ten
                              b_scale: torch.Tensor, a_bits: int, b_bits: int, a_signed: bool, b_signed: bool,
                              a_grad_factor: float, b_grad_factor: float,
                              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backends.impl("quant_matmul", backend).backward(grad_y, a, b, a_scale, b_scale, a_bits, b_bits,
-                                                           a_signed, b_signed, a_grad_factor, b_grad_factor)
+    """Returns contiguous (grad_a, grad_b, grad_a_scale, grad_b_scale)."""
+    grads = backends.impl("quant_matmul", backend).backward(grad_y, a, b, a_scale, b_scale, a_bits, b_bits,
+                                                            a_signed, b_signed, a_grad_factor, b_grad_factor)
+    return tuple(g.contiguous() for g in grads)
 
 
 @quant_matmul_backward_op.register_fake
 def _(grad_y, a, b, a_scale, b_scale, *args):
-    return torch.empty_like(a), torch.empty_like(b), torch.empty_like(a_scale), torch.empty_like(b_scale)
+    return (a.new_empty(a.shape), b.new_empty(b.shape), a_scale.new_empty(a_scale.shape, dtype=torch.float32),
+            b_scale.new_empty(b_scale.shape, dtype=torch.float32))
+
+
+class MatmulConfig(NamedTuple):
+    """The non-tensor arguments of one quant_matmul call."""
+    a_bits: int
+    b_bits: int
+    a_signed: bool
+    b_signed: bool
+    a_grad_factor: float
+    b_grad_factor: float
+    backend: str
 
 
 class QuantMatmulFunction(torch.autograd.Function):
@@ -86,14 +100,17 @@ class QuantMatmulFunction(torch.autograd.Function):
     def forward(ctx, a, b, a_scale, b_scale, config):
         ctx.save_for_backward(a, b, a_scale, b_scale)
         ctx.config = config
-        a_bits, b_bits, a_signed, b_signed, _, _, backend = config
-        return quant_matmul_forward_op(a, b, a_scale, b_scale, a_bits, b_bits, a_signed, b_signed, backend)
+        c = config
+        return quant_matmul_forward_op(a, b, a_scale, b_scale, c.a_bits, c.b_bits, c.a_signed, c.b_signed, c.backend)
 
     @staticmethod
     def backward(ctx, grad_y):
         a, b, a_scale, b_scale = ctx.saved_tensors
-        grads = quant_matmul_backward_op(grad_y, a, b, a_scale, b_scale, *ctx.config)
-        return (*grads, None)
+        c = ctx.config
+        grad_a, grad_b, grad_sa, grad_sb = quant_matmul_backward_op(
+            grad_y, a, b, a_scale, b_scale, c.a_bits, c.b_bits, c.a_signed, c.b_signed, c.a_grad_factor,
+            c.b_grad_factor, c.backend)
+        return grad_a, grad_b, grad_sa.reshape(a_scale.shape), grad_sb.reshape(b_scale.shape), None
 
 
 def quant_matmul(a, b, a_scale, b_scale, a_bits=8, b_bits=8, a_signed=True, b_signed=True, a_grad_factor=1.0,
@@ -117,5 +134,6 @@ def quant_matmul(a, b, a_scale, b_scale, a_bits=8, b_bits=8, a_signed=True, b_si
         return composite.quant_matmul(a, b, a_scale, b_scale, a_bits, b_bits, bool(a_signed), bool(b_signed),
                                       float(a_grad_factor), float(b_grad_factor))
     name = backends.backend_for("quant_matmul", a, backend)
-    config = (a_bits, b_bits, bool(a_signed), bool(b_signed), float(a_grad_factor), float(b_grad_factor), name)
+    config = MatmulConfig(a_bits, b_bits, bool(a_signed), bool(b_signed), float(a_grad_factor), float(b_grad_factor),
+                          name)
     return QuantMatmulFunction.apply(a, b, a_scale, b_scale, config)

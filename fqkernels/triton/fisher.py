@@ -12,13 +12,11 @@ read as the tokens of one sample with SQUARE_INPUTS, and G itself is the Fisher.
 
 Runs on CUDA and under TRITON_INTERPRET=1 on CPU tensors. Every load and store is masked.
 """
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-MAX_GRID_Y = 65535  # CUDA's limit on grid dimension y
+from fqkernels.triton.launch import MAX_GRID_YZ, on_device_of
 BLOCK_M = 32
 BLOCK_K = 32
 BLOCK_T = 16
@@ -78,12 +76,12 @@ def _launch(x, d, view_x, view_d, fisher, grad_weight, sq_partial, accumulate_fi
     grid = (triton.cdiv(k, BLOCK_K), triton.cdiv(m, BLOCK_M))
     if m == 0 or k == 0:  # empty output: nothing to launch
         return
-    if grid[1] > MAX_GRID_Y:
-        raise ValueError(f"grad_out: at most {BLOCK_M * MAX_GRID_Y} features, got {m}")
+    if grid[1] > MAX_GRID_YZ:
+        raise ValueError(f"grad_out: at most {BLOCK_M * MAX_GRID_YZ} features, got {m}")
     dummy = x  # never dereferenced: its HAS_* flag is off
-    # On x's GPU (triton launches on the current device); FMA contraction on: no rounding
-    # step here needs to match the reference bit for bit, and it is the more accurate.
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    # FMA contraction on: no rounding step here needs to match the reference bit for bit,
+    # and it is the more accurate.
+    with on_device_of(x):
         _fisher_kernel[grid](
             x, d, dummy if fisher is None else fisher, dummy if grad_weight is None else grad_weight,
             dummy if sq_partial is None else sq_partial, n, t, k, m, *xs, *ds,

@@ -17,13 +17,11 @@ Rounding is round-half-even by the 1.5 * 2^23 trick (no libdevice rint), and ker
 are compiled with enable_fp_fusion=False so x * inv_scale is rounded before the
 trick's addition, as in the reference (an FMA would round differently at ties).
 """
-import contextlib
-
-import torch
 import triton
 import triton.language as tl
 
-from fqkernels.gemm_backends import SCALE_TENSOR, Quant, QuantLinear, QuantMatmul, use_int_dot
+from fqkernels.gemm_backends import SCALE_TENSOR, Quant, QuantLinear, QuantMatmul, Ste, use_int_dot
+from fqkernels.triton.launch import MAX_GRID_YZ, on_device_of
 
 
 @triton.jit
@@ -140,9 +138,6 @@ def quant_gemm_kernel(
     tl.store(c_ptr + c_offs, y, mask=mask)
 
 
-MAX_GRID_YZ = 65535  # CUDA's limit on grid dimensions y and z
-
-
 def _grid(M, N, Z, meta):
     return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), Z)
 
@@ -151,26 +146,26 @@ def quant_gemm(a, b, out, qa=None, qb=None, b_scale=SCALE_TENSOR, bias=None, ste
     """out[z] = A'[z] @ B'[z] with the kernel above.
 
     a [Z, M, K], b [Z, K, N], out [Z, M, N] float32, any strides. qa / qb: Quant or None.
-    ste: None, or (e, Quant of e, per_row, grad_factor, grad_scale) for the STE epilogue,
-    e shaped and strided like out (grad_scale is added into: zero it first).
+    ste: None, or a gemm_backends.Ste for the STE epilogue (e strided like out).
     """
     Z, M, K = a.shape
     N = b.shape[2]
     if triton.cdiv(N, 64) > MAX_GRID_YZ:
         raise ValueError(f"b: at most {64 * MAX_GRID_YZ} columns, got {N}")
-    e, qe, per_row, grad_factor, grad_scale = ste if ste is not None else (out, None, False, 1.0, out)
-    if any(size > 1 and se != so for size, se, so in zip(out.shape, e.stride(), out.stride())):
+    has_ste = ste is not None
+    # Without an STE epilogue its pointers are never read: out stands in for them.
+    ste = ste or Ste(out, Quant.identity(a.device), False, 1.0, out)
+    if any(size > 1 and se != so for size, se, so in zip(out.shape, ste.e.stride(), out.stride())):
         raise ValueError("ste: expected e with the strides of out")  # size-1 dims are only indexed at 0
-    qa_, qb_, qe_ = (q or Quant.identity(a.device) for q in (qa, qb, qe))
+    qa_, qb_ = (q or Quant.identity(a.device) for q in (qa, qb))
     for z0 in range(0, Z, MAX_GRID_YZ):  # batches beyond the grid's z limit: one launch per slice
         z = slice(z0, z0 + MAX_GRID_YZ)
-        with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():  # launch on a's GPU
-            _launch(a[z], b[z], out[z], qa, qb, qa_, qb_, qe_, b_scale, bias, ste is not None, e[z], per_row,
-                    grad_factor, grad_scale)
+        with on_device_of(a):
+            _launch(a[z], b[z], out[z], qa, qb, qa_, qb_, b_scale, bias, ste._replace(e=ste.e[z]), has_ste)
     return out
 
 
-def _launch(a, b, out, qa, qb, qa_, qb_, qe_, b_scale, bias, ste, e, per_row, grad_factor, grad_scale):
+def _launch(a, b, out, qa, qb, qa_, qb_, b_scale, bias, ste, has_ste):
     (Z, M, K), N = a.shape, b.shape[2]
     int_dot = use_int_dot(qa, qb, K, b_scale)
     unused = out  # pointer arguments behind a false constexpr flag are never read
@@ -178,9 +173,9 @@ def _launch(a, b, out, qa, qb, qa_, qb_, qe_, b_scale, bias, ste, e, per_row, gr
         a, b, out, M, N, K, *a.stride(), *b.stride(), *out.stride(),
         qa_.scale, qa_.inv, qa_.qmin, qa_.qmax, qb_.scale, qb_.inv, qb_.qmin, qb_.qmax,
         unused if bias is None else bias,
-        e, qe_.scale, qe_.inv, qe_.qmin, qe_.qmax, grad_factor, grad_scale,
+        ste.e, ste.quant.scale, ste.quant.inv, ste.quant.qmin, ste.quant.qmax, ste.grad_factor, ste.grad_scale,
         QUANT_A=qa is not None, QUANT_B=qb is not None, B_SCALE=b_scale, INT_DOT=int_dot,
-        HAS_BIAS=bias is not None, STE=ste, E_PER_ROW=per_row,
+        HAS_BIAS=bias is not None, STE=has_ste, E_PER_ROW=ste.per_row,
         BLOCK_M=64, BLOCK_N=64, BLOCK_K=64 if int_dot else 32, num_warps=4, enable_fp_fusion=False,
     )
 

@@ -1,0 +1,62 @@
+"""Helpers shared by the op modules (fake_quant, quant_linear, quant_matmul, fisher) and
+their backends: lazy backend loading, the output contract of the custom ops, and the
+C++ calls that several backends compose. Imports no op module, so that no op module
+imports another."""
+import importlib
+
+import torch
+
+from fqkernels import _ext, backends, reference
+
+
+class Lazy:
+    """A backend implementation imported on first use (triton is optional, slow to import,
+    and TRITON_INTERPRET must be set before its kernels are defined): attribute ``name``
+    of module ``module``, or the module itself when ``name`` is None."""
+
+    def __init__(self, module, name=None):
+        self.module, self.name = module, name
+
+    def __getattr__(self, attr):
+        target = importlib.import_module(self.module)
+        return getattr(target if self.name is None else getattr(target, self.name), attr)
+
+
+def owned_output(t):
+    """``t`` as a custom op's forward output: contiguous (the fake implementations promise
+    contiguous outputs, and torch.compile lays out later kernels by them) and not a view
+    (an autograd.Function output that is a view of a tensor made inside it cannot be
+    modified in place, as nn.Linear's output can). Copies only when ``t`` is neither."""
+    return t.clone(memory_format=torch.contiguous_format) if t._is_view() or not t.is_contiguous() else t
+
+
+def f32(t):
+    """``t`` as contiguous float32 (no copy when it already is)."""
+    return t.float().contiguous()
+
+
+def cpu_fake_quant(x, scale, bits, signed, axis=None):
+    """C++ fake quantization of a contiguous float32 tensor into a new one."""
+    out = torch.empty_like(x)
+    _ext._cpu.fake_quant_forward(_ext.dl(x), _ext.dl(scale), _ext.dl(out), bits, signed, axis)
+    return out
+
+
+def cpu_ste_backward_(grad, x, scale, bits, signed, axis, grad_factor):
+    """grad <- STE-mask(grad) in place; returns the LSQ scale gradient (one C++ pass)."""
+    grad_scale = torch.empty_like(scale)
+    _ext._cpu.fake_quant_backward(_ext.dl(grad), _ext.dl(x), _ext.dl(scale), _ext.dl(grad), _ext.dl(grad_scale),
+                                  bits, signed, axis, grad_factor)
+    return grad_scale
+
+
+def accumulate_fisher(fisher, xq, grad_y, weight, w_scale, w_bits, batch_dim):
+    """Fisher hook of the quant_linear backends: fisher += mask_w * sum_n (D_n^T Qa(X_n))^2.
+
+    Runs the per_sample_fisher backend the registry picks for these tensors, so the fused
+    Fisher kernels are used as soon as they are registered (fqkernels/fisher.py)."""
+    mask = reference.ste_mask(weight, w_scale, w_bits, True, axis=0)
+    per_sample = torch.empty(fisher.shape, dtype=fisher.dtype, device=fisher.device)
+    backends.impl("per_sample_fisher", backends.backend_for("per_sample_fisher", xq)).compute(
+        xq, grad_y, batch_dim, per_sample, None, None, False)
+    fisher += mask * per_sample
