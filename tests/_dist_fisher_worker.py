@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fqdetr.engine import distributed as fd
+from fqdetr.engine.loader import ResumableSampler
 from fqdetr.fisher import FisherCollector
 from fqdetr.quant import QuantConfig, quantize_model
 
@@ -51,7 +52,7 @@ def build():
 def collect():
     """Returns (collector after all-reduce, samples this process saw itself)."""
     model, data = build()
-    sampler = fd.distributed_sampler(data, shuffle=True, seed=3, pad=False)
+    sampler = ResumableSampler(data, shuffle=True, seed=3, rank=fd.rank(), world=fd.world_size(), pad=False)
     sampler.set_epoch(0)
     loader = DataLoader(data, batch_size=BATCH, sampler=sampler)
     local = 0
@@ -80,7 +81,7 @@ def ddp_train(steps=2, batch=2):
     data = ddp_data()
     model = fd.wrap_ddp(ddp_model())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sampler = fd.distributed_sampler(data, shuffle=True, seed=4)
+    sampler = ResumableSampler(data, shuffle=True, seed=4, rank=fd.rank(), world=fd.world_size())
     sampler.set_epoch(1)
     loader = DataLoader(data, batch_size=batch, sampler=sampler)
     for _, (x, y) in zip(range(steps), loader):

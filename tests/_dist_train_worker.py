@@ -24,7 +24,7 @@ from torch.utils.data import Sampler
 from fqdetr.data import CocoDetection, builtin_paths
 from fqdetr.data.transforms import Compose, Normalize, ToTensor
 from fqdetr.engine import distributed as fd
-from fqdetr.engine import make_loader, train_detr
+from fqdetr.engine import ResumableSampler, make_loader, train_detr
 from fqdetr.models import build_criterion, build_detr
 
 NUM_CLASSES = 16
@@ -61,7 +61,7 @@ def model_and_criterion():
 
 class InterleavedShards(Sampler):
     """One process reproducing a 2-rank run: step k is rank 0's k-th batch of ``batch``
-    followed by rank 1's (the DistributedResumableSampler shards of the same permutation)."""
+    followed by rank 1's (the ResumableSampler shards of the same permutation)."""
 
     def __init__(self, data, batch, world=2, seed=SEED):
         self.data, self.batch, self.world, self.seed = data, batch, world, seed
@@ -74,7 +74,7 @@ class InterleavedShards(Sampler):
         """[(step, [indices of rank 0's batch], [rank 1's], ...)]."""
         shards = []
         for r in range(self.world):
-            s = fd.DistributedResumableSampler(self.data, shuffle=True, seed=self.seed, rank_=r, world=self.world)
+            s = ResumableSampler(self.data, shuffle=True, seed=self.seed, rank=r, world=self.world)
             s.set_epoch(self.epoch)
             shards.append(list(s))
         n = len(shards[0]) // self.batch
@@ -91,7 +91,7 @@ def reference(root):
     """The single-process run: returns {"state": weights, "losses": per step}."""
     data = dataset(root)
     model, criterion = model_and_criterion()
-    loader = make_loader(data, 2 * BATCH, shuffle=True, seed=SEED)
+    loader = make_loader(data, 2 * BATCH, SIZE, shuffle=True, seed=SEED)
     loader = torch.utils.data.DataLoader(data, batch_size=2 * BATCH, sampler=InterleavedShards(data, BATCH),
                                          collate_fn=loader.collate_fn, drop_last=True)
     out = train_detr(model, criterion, loader, **TRAIN)
@@ -104,7 +104,7 @@ def compare(root, out_dir):
         return
     data = dataset(root)
     model, criterion = model_and_criterion()
-    loader = make_loader(data, BATCH, shuffle=True, seed=SEED, shard=True)
+    loader = make_loader(data, BATCH, SIZE, shuffle=True, seed=SEED, shard=True)
     out = train_detr(model, criterion, loader, **TRAIN)
     torch.save({"state": model.state_dict(), "losses": out["losses"], "step": out["step"],
                 "samples": [list(sampler_epoch(loader, e)) for e in range(EPOCHS)]},

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from fqdetr.cli import main as cli_main
-from fqdetr.data import (CocoDetection, builtin_paths, collate_fn, dataset_stats,
+from fqdetr.data import (CocoDetection, PadToCanvas, builtin_paths, dataset_stats,
                          make_builtin_dataset, make_transforms)
 from fqdetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Compose, RandomHorizontalFlip, ToTensor
 
@@ -177,8 +177,8 @@ def test_val_transform_and_unknown_split():
 
 def test_collate_pads_and_masks():
     a, b = torch.rand(3, 5, 7), torch.rand(3, 8, 4)
-    images, mask, targets = collate_fn([(a, {"i": 0}), (b, {"i": 1})])
-    assert images.shape == (2, 3, 8, 7) and mask.shape == (2, 8, 7) and mask.dtype == torch.bool
+    images, mask, targets = PadToCanvas(8)([(a, {"i": 0}), (b, {"i": 1})])
+    assert images.shape == (2, 3, 8, 8) and mask.shape == (2, 8, 8) and mask.dtype == torch.bool
     assert torch.equal(images[0, :, :5, :7], a) and torch.equal(images[1, :, :8, :4], b)
     assert not mask[0, :5, :7].any() and mask[0, 5:].all()
     assert not mask[1, :, :4].any() and mask[1, :, 4:].all()
@@ -231,7 +231,7 @@ def test_builtin_loads_and_batches(builtin_200):
     folder, ann = builtin_paths(builtin_200, "val")
     ds = CocoDetection(folder, ann, transforms=make_transforms("train", scales=(96, 128), max_size=160))
     assert ds.num_classes >= 12 and len(ds.supercategories) >= 4
-    images, mask, targets = collate_fn([ds[i] for i in range(4)])
+    images, mask, targets = PadToCanvas(160)([ds[i] for i in range(4)])
     assert images.shape[:2] == (4, 3) and mask.shape == (4,) + images.shape[2:]
     for t in targets:
         assert t["boxes"].numel() and (t["boxes"] > 0).all() and (t["boxes"] <= 1).all()

@@ -4,7 +4,7 @@ import json
 import torch
 
 from fqdetr.cli.demo import DEFAULT_MODEL
-from fqdetr.engine.demo import run_demo
+from fqdetr.experiments.demo import run_demo
 from fqdetr.engine.quantize import quantize_detr
 from fqdetr.models import load_detr_checkpoint
 
@@ -35,10 +35,11 @@ def test_demo_pipeline_on_tiny_data(tmp_path):
     assert all(f"| {m} |" in report for m in METHODS)
     # The float model must beat 2-bit uniform PTQ on the same images.
     from fqdetr.engine.loader import make_loader
-    from fqdetr.engine.setup import checkpoint_image_size, evaluate_splits, load_datasets
+    from fqdetr.engine.setup import checkpoint_geometry, evaluate_splits, load_datasets
 
-    data = load_datasets(tmp_path / "data", checkpoint_image_size(DEFAULT_MODEL), 400, 16)
-    loaders = {"val": make_loader(data["val"], 4, shuffle=False)}
+    image_size, canvas = checkpoint_geometry(DEFAULT_MODEL)
+    data = load_datasets(tmp_path / "data", image_size, 400, 16)
+    loaders = {"val": make_loader(data["val"], 4, canvas, shuffle=False)}
     model = load_detr_checkpoint(DEFAULT_MODEL).eval()
     two_bit = quantize_detr(model, w_bits=2, a_bits=2, calib_loader=loaders["val"], calib_batches=2)
     float_map = results["methods"]["float"]["val"]["mAP"]

@@ -7,6 +7,7 @@ import torch
 
 from _launch import load_worker, torchrun
 from fqdetr.engine import distributed as fd
+from fqdetr.engine.loader import ResumableSampler
 from fqdetr.fisher import FisherCollector
 
 WORKER = Path(__file__).with_name("_dist_fisher_worker.py")
@@ -42,23 +43,23 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
 def test_shards_cover_the_dataset(n):
     data = list(range(n))
     for world in (1, 2, 3):
-        disjoint = [fd.DistributedResumableSampler(data, shuffle=True, seed=5, rank_=r, world=world, pad=False)
+        disjoint = [ResumableSampler(data, shuffle=True, seed=5, rank=r, world=world, pad=False)
                     for r in range(world)]
         got = [list(s) for s in disjoint]
         assert sorted(sum(got, [])) == data  # every sample exactly once over the ranks
         assert [len(s) for s in disjoint] == [len(g) for g in got]
-        padded = [list(fd.DistributedResumableSampler(data, shuffle=True, seed=5, rank_=r, world=world))
+        padded = [list(ResumableSampler(data, shuffle=True, seed=5, rank=r, world=world))
                   for r in range(world)]
         assert len({len(p) for p in padded}) == 1  # equal step counts for DDP
         assert set(sum(padded, [])) == set(data)
     # same permutation on every rank, depending only on (seed, epoch); resumable mid-epoch
-    s = fd.DistributedResumableSampler(list(range(10)), seed=1, rank_=1, world=2)
+    s = ResumableSampler(list(range(10)), seed=1, rank=1, world=2)
     s.set_epoch(3)
     full = list(s)
     s.set_epoch(3, start=2)
     assert list(s) == full[2:] and len(s) == len(full) - 2
     with pytest.raises(ValueError, match="rank"):
-        fd.DistributedResumableSampler(data, rank_=2, world=2)
+        ResumableSampler(data, rank=2, world=2)
 
 
 def test_two_gloo_processes_give_the_single_process_fisher_and_ddp_steps(tmp_path):
@@ -94,7 +95,7 @@ def test_two_gloo_processes_give_the_single_process_fisher_and_ddp_steps(tmp_pat
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     shards = []
     for r in range(2):
-        sampler = fd.DistributedResumableSampler(data, shuffle=True, seed=4, rank_=r, world=2)
+        sampler = ResumableSampler(data, shuffle=True, seed=4, rank=r, world=2)
         sampler.set_epoch(1)
         shards.append(list(sampler))
     for step in range(2):

@@ -1,5 +1,5 @@
 """Aggregation of the findings over seeds: statistics and verdicts from given numbers."""
-from fqdetr.engine.findings import render_findings, summarize
+from fqdetr.experiments.findings import render_findings, summarize
 
 METHODS = ["float", "ptq uniform w4a8", "ptq fisher-overall", "ptq fisher-critical", "qat",
            "qat + fisher-trace reg", "qat + critical up-weighted"]

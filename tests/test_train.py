@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from fqdetr.data import CocoDetection, builtin_paths, make_builtin_dataset, make_transforms
-from fqdetr.engine import (evaluate_model, load_training_checkpoint, make_loader,
+from fqdetr.data import (CocoDetection, PadToCanvas, builtin_paths, make_builtin_dataset, make_transforms,
+                         max_size_for)
+from fqdetr.engine import (evaluate_model, load_training_checkpoint, make_loader, predict,
                            save_training_checkpoint, train_detr)
 from fqdetr.engine import checkpoint as engine_checkpoint
+from fqdetr.engine.setup import checkpoint_geometry
 from fqdetr.models import build_criterion, build_detr, load_detr_checkpoint
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "detr_tiny_builtin.pth"
@@ -43,7 +45,7 @@ def _run(root, out_dir=None, max_steps=2, resume=None, seed=0, epochs=3, lr_drop
     _seed(seed)
     model = build_detr("tiny", num_classes=NUM_CLASSES, **SMALL)
     criterion = build_criterion(NUM_CLASSES, dec_layers=model.config["dec_layers"])
-    loader = make_loader(_train_set(root), batch_size=2, shuffle=True, seed=7)
+    loader = make_loader(_train_set(root), batch_size=2, canvas=64, shuffle=True, seed=7)
     return train_detr(model, criterion, loader, epochs=epochs, lr=2e-4, lr_backbone=2e-4, lr_drop=lr_drop,
                       out_dir=out_dir, max_steps=max_steps, resume=resume, progress=False,
                       checkpoint_extra={"note": "test"})
@@ -142,26 +144,57 @@ def test_cli_registers_train(tiny_data, tmp_path, capsys):
     assert (tmp_path / "checkpoint.pth").is_file() and (tmp_path / "eval" / "report.json").is_file()
     ckpt = torch.load(tmp_path / "exported.pth", weights_only=True)
     assert ckpt["num_classes"] == NUM_CLASSES and len(ckpt["categories"]) == NUM_CLASSES
-    assert ckpt["image_size"] == 48
+    assert ckpt["image_size"] == 48 and ckpt["canvas"] == 64  # default canvas: 4/3 of the image size
+
+
+def _shipped_val(root, num_val):
+    """(shipped model, its checkpoint dict, the first ``num_val`` built-in val images at its size).
+    The val images of the built-in split depend only on (seed, index): they are regenerated."""
+    assert SHIPPED.is_file(), f"shipped model missing: {SHIPPED}"
+    ckpt = torch.load(SHIPPED, weights_only=True)
+    make_builtin_dataset(root, num_train=0, num_val=num_val, image_size=128, seed=0)
+    size = int(ckpt.get("image_size", 160))
+    val = CocoDetection(*builtin_paths(root, "val"),
+                        transforms=make_transforms("val", scales=(size,), max_size=max_size_for(size)))
+    return load_detr_checkpoint(SHIPPED), ckpt, val
 
 
 def test_shipped_model_detects(tmp_path):
-    assert SHIPPED.is_file(), f"shipped model missing: {SHIPPED}"
+    model, ckpt, val = _shipped_val(tmp_path, 24)
     assert SHIPPED.stat().st_size <= 20 * 2 ** 20
-    ckpt = torch.load(SHIPPED, weights_only=True)
     assert ckpt["num_classes"] == NUM_CLASSES and len(ckpt["categories"]) == NUM_CLASSES
-    model = load_detr_checkpoint(SHIPPED)
     assert model.num_classes == NUM_CLASSES
-    # The val images of the built-in split depend only on (seed, index): regenerate a few.
-    make_builtin_dataset(tmp_path, num_train=0, num_val=24, image_size=128, seed=0)
-    size = int(ckpt.get("image_size", 160))
-    val = CocoDetection(*builtin_paths(tmp_path, "val"),
-                        transforms=make_transforms("val", scales=(size,), max_size=round(size * 4 / 3)))
     assert [c["name"] for c in val.coco.dataset["categories"]] == [c["name"] for c in ckpt["categories"]]
-    out = evaluate_model(model, make_loader(val, 8, shuffle=False))
+    _, canvas = checkpoint_geometry(SHIPPED)
+    out = evaluate_model(model, make_loader(val, 8, canvas, shuffle=False))
     assert len(out["detections"]) > 0
     # Measured on these 24 images: AP 0.446, AP50 0.771 (untrained: ~0.000; the earlier 3,000-step
     # model: AP 0.114). The margin is for other CPUs' float sums, not for a weaker model: the
     # thresholds fail any model below the 0.40-mAP level of models/README.md by a wide margin.
     assert out["result"]["overall"]["AP50"] > 0.6
     assert out["result"]["overall"]["AP"] > 0.3
+
+
+def test_detections_do_not_depend_on_the_batch(tmp_path):
+    """The same images alone (batch 1) and together (batch 8, images of different sizes) give the
+    same detections: every image is padded to the model's canvas, never to the batch maximum."""
+    model, _, val = _shipped_val(tmp_path, 8)
+    _, canvas = checkpoint_geometry(SHIPPED)
+    sizes = {tuple(val[i][0].shape[1:]) for i in range(len(val))}
+    assert len(sizes) > 1  # a batch-max padding would pad some images differently in the batch
+    alone, _, _ = predict(model, make_loader(val, 1, canvas, shuffle=False))
+    together, _, _ = predict(model, make_loader(val, 8, canvas, shuffle=False))
+    assert len(alone) == len(together) == 8
+    for a, b in zip(alone, together):
+        assert torch.equal(a["labels"], b["labels"])
+        # Batched GEMMs may sum in another order: equal up to float rounding.
+        torch.testing.assert_close(a["scores"], b["scores"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a["boxes"], b["boxes"], rtol=1e-4, atol=1e-3)
+
+
+def test_an_image_larger_than_the_canvas_is_refused():
+    small, big = torch.zeros(3, 40, 30), torch.zeros(3, 50, 65)
+    with pytest.raises(ValueError, match=r"image 1 of the batch is 50x65 pixels, larger than the .*48x48 canvas"):
+        PadToCanvas(48)([(small, {}), (big, {})])
+    with pytest.raises(ValueError, match="canvas: expected a positive int"):
+        PadToCanvas(0)

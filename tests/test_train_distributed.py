@@ -158,7 +158,7 @@ def test_shard_is_a_no_op_in_one_process(tiny_data):
     from fqdetr.engine import ResumableSampler, make_loader
 
     data = list(range(10))
-    plain, sharded = make_loader(data, 2, seed=3), make_loader(data, 2, seed=3, shard=True)
+    plain, sharded = make_loader(data, 2, 1, seed=3), make_loader(data, 2, 1, seed=3, shard=True)
     assert type(sharded.sampler) is ResumableSampler
     assert list(sharded.sampler) == list(plain.sampler)
     assert sharded.generator.initial_seed() == plain.generator.initial_seed()

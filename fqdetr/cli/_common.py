@@ -1,6 +1,7 @@
 """Arguments and set-up shared by the method's sub-commands (fisher, allocate, ptq, qat)."""
 import json
 from pathlib import Path
+from typing import Any, NamedTuple
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "detr_tiny_builtin.pth"
 
@@ -68,29 +69,33 @@ def apply_config(parser, args, argv):
     return parser.parse_args(argv)
 
 
-def sharded_loader(dataset, batch_size, shuffle, seed=0, pad=True):
-    """DataLoader over this process's shard of ``dataset`` (all of it without torchrun)."""
-    from torch.utils.data import DataLoader
-
-    from fqdetr.data import collate_fn
-    from fqdetr.engine.distributed import distributed_sampler
-
-    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn,
-                      sampler=distributed_sampler(dataset, shuffle=shuffle, seed=seed, pad=pad))
-
-
 def write_json(obj, path):
     from fqdetr.io import atomic_write_text
 
     return atomic_write_text(path, json.dumps(obj, indent=2))
 
 
+class Prepared(NamedTuple):
+    """What ``prepare`` sets up for a command; ``canvas``: the model's padding canvas, for any
+    further fqdetr.engine.loader.make_loader."""
+
+    model: Any
+    data: dict
+    loaders: dict
+    criterion: Any
+    objectives: dict
+    S: list
+    sets: dict
+    canvas: int
+
+
 def prepare(args, train_images=400):
-    """(model, datasets, loaders {"val", "train"}, criterion, objectives, S, sets) for a command."""
+    """A Prepared (model, datasets, loaders {"val", "train"}, criterion, objectives, S, sets,
+    canvas) for a command."""
     import torch
 
     from fqdetr.engine.loader import make_loader
-    from fqdetr.engine.setup import checkpoint_image_size, critical_setup, load_datasets
+    from fqdetr.engine.setup import checkpoint_geometry, critical_setup, load_datasets
     from fqdetr.models import load_detr_checkpoint
 
     if not Path(args.model).exists():
@@ -98,11 +103,11 @@ def prepare(args, train_images=400):
     Path(args.out).mkdir(parents=True, exist_ok=True)
     model = load_detr_checkpoint(args.model).eval()
     val_images = args.eval_images
-    image_size = args.image_size or checkpoint_image_size(args.model)
+    image_size, canvas = checkpoint_geometry(args.model, args.image_size)
     data = load_datasets(args.data, image_size, max(train_images, val_images), val_images)
     train_eval = torch.utils.data.Subset(data["train"], range(min(val_images, len(data["train"]))))
-    loaders = {"val": make_loader(data["val"], args.batch_size, shuffle=False),
-               "train": make_loader(train_eval, args.batch_size, shuffle=False)}
+    loaders = {"val": make_loader(data["val"], args.batch_size, canvas, shuffle=False),
+               "train": make_loader(train_eval, args.batch_size, canvas, shuffle=False)}
     criterion, objectives, S, sets = critical_setup(model, data["val"], args.critical,
                                                     alpha=getattr(args, "alpha", 1.0))
-    return model, data, loaders, criterion, objectives, S, sets
+    return Prepared(model, data, loaders, criterion, objectives, S, sets, canvas)

@@ -29,7 +29,7 @@ def add_parser(subparsers):
 def run(args):
     import torch
 
-    from fqdetr.engine.demo import run_demo
+    from fqdetr.experiments.demo import run_demo
 
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     if not Path(args.model).exists():

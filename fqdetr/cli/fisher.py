@@ -1,5 +1,5 @@
 """``fqdetr fisher``: per-layer Fisher traces of the overall / critical / mixed objectives."""
-from fqdetr.cli._common import add_common, prepare, sharded_loader, write_json
+from fqdetr.cli._common import add_common, prepare, write_json
 
 
 def add_parser(subparsers):
@@ -28,12 +28,13 @@ def run(args):
     from fqdetr.sensitivity import fisher_traces, hutchinson_traces
 
     dist.init_distributed()
-    model, data, loaders, criterion, objectives, S, _ = prepare(args, train_images=max(args.images, 400))
+    model, data, loaders, criterion, objectives, S, _, canvas = prepare(args, train_images=max(args.images, 400))
     images = torch.utils.data.Subset(data["train"], range(args.images))
-    loader = sharded_loader(images, args.batch_size, shuffle=False, pad=False)  # each image once overall
+    # Each image once overall: this process's shard, not padded.
+    loader = make_loader(images, args.batch_size, canvas, shuffle=False, shard=True, pad=False)
     # Calibrate on the same first images everywhere, so every process quantizes identically.
-    qmodel = quantize_detr(model, w_bits=args.w_bits, calib_loader=make_loader(images, args.batch_size,
-                                                                               shuffle=False))
+    calib_loader = make_loader(images, args.batch_size, canvas, shuffle=False)
+    qmodel = quantize_detr(model, w_bits=args.w_bits, calib_loader=calib_loader)
     out = {name: fisher_traces(qmodel, loader, objectives[name]) for name in args.objective}
     if args.hutchinson:
         out["hessian"] = hutchinson_traces(qmodel, loader, objectives["overall"])

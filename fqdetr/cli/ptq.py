@@ -24,7 +24,7 @@ def run(args):
     from fqdetr.engine.setup import evaluate_splits
     from fqdetr.quant import calibrate, save_quantized
 
-    model, data, loaders, _, _, _, sets = prepare(args)
+    model, data, loaders, _, _, _, sets, _ = prepare(args)
     allocation = read_json_option(args.allocation, "--allocation") if args.allocation else None
     qmodel = quantize_detr(model, allocation=allocation, w_bits=args.w_bits, a_bits=args.a_bits)
     calibrate(qmodel, ((im, m) for im, m, _ in loaders["train"]), method=args.calibration,

@@ -1,5 +1,5 @@
 """``fqdetr qat``: quantization-aware training, optionally Fisher-trace regularised."""
-from fqdetr.cli._common import add_common, prepare, sharded_loader, read_json_option, write_json
+from fqdetr.cli._common import add_common, prepare, read_json_option, write_json
 
 
 def add_parser(subparsers):
@@ -28,19 +28,20 @@ def run(args):
 
     from fqdetr.engine import distributed as dist
     from fqdetr.engine.checkpoint import atomic_torch_save
+    from fqdetr.engine.loader import make_loader
     from fqdetr.engine.qat import qat, upweighted_criterion
     from fqdetr.engine.quantize import quantize_detr
     from fqdetr.engine.setup import evaluate_splits
 
     dist.init_distributed()
     torch.manual_seed(args.seed)
-    model, data, loaders, criterion, objectives, S, sets = prepare(args)
+    model, data, loaders, criterion, objectives, S, sets, canvas = prepare(args)
     allocation = read_json_option(args.allocation, "--allocation") if args.allocation else None
     qmodel = quantize_detr(model, allocation=allocation, w_bits=args.w_bits, calib_loader=loaders["train"])
     if args.upweight != 1.0:
         criterion = upweighted_criterion(criterion, S, args.upweight)
     # Under torchrun each process trains on its shard; gradients are averaged every step.
-    train_loader = sharded_loader(data["train"], args.batch_size, shuffle=True, seed=args.seed)
+    train_loader = make_loader(data["train"], args.batch_size, canvas, shuffle=True, seed=args.seed, shard=True)
     history = qat(qmodel, criterion, train_loader, args.steps, lr=args.lr, critical_objective=objectives["critical"],
                   reg_lambda=args.reg_lambda, reg_estimator=args.reg_estimator, reg_method=args.reg_method,
                   progress=dist.is_main())

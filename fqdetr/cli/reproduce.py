@@ -24,7 +24,7 @@ def add_parser(subparsers):
 def run(args):
     from pathlib import Path
 
-    from fqdetr.engine.findings import render_findings, reproduce
+    from fqdetr.experiments.findings import render_findings, reproduce
 
     seeds = [int(s) for s in args.seeds.split(",")]
     summary = reproduce(args.out, args.model, args.data, seeds=seeds, critical=args.critical,

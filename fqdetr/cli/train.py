@@ -51,6 +51,10 @@ def add_parser(subparsers):
     g.add_argument("--image-size", type=int, default=128, metavar="PX",
                    help="shorter image side at validation; training resizes at random to "
                         "0.75x-1x of it (default 128; longer side capped at 4/3 of it)")
+    g.add_argument("--canvas", type=int, default=None, metavar="PX",
+                   help="side of the square every image is padded to, in training and in any later use "
+                        "of the model (stored in its checkpoints; default: the resumed checkpoint's, else "
+                        "the longest resized side, 4/3 of --image-size)")
     g.add_argument("--batch-size", type=int, default=16,
                    help="images per step in each process (default 16; under torchrun the "
                         "global batch is this times the number of processes)")
@@ -148,6 +152,17 @@ def build_model(args, num_classes):
     return build_detr(args.preset, num_classes=num_classes, **overrides)
 
 
+def _canvas(args):
+    """--canvas, else the resumed checkpoint's canvas, else the longest resized side."""
+    from fqdetr.data import max_size_for
+    from fqdetr.models.checkpoint import read_checkpoint
+
+    if args.canvas:
+        return args.canvas
+    stored = read_checkpoint(args.resume).get("canvas") if args.resume else None
+    return int(stored) if stored else max_size_for(args.image_size)
+
+
 def _seed_everything(seed):
     import numpy as np
     import torch
@@ -195,13 +210,14 @@ def _train(args, info):
     cfg = model.config
     criterion = build_criterion(coco_train.num_classes, dec_layers=cfg["dec_layers"],
                                 aux_loss=cfg["aux_loss"], eos_coef=args.eos_coef)
-    train_loader = make_loader(train_ds, args.batch_size, shuffle=True, seed=args.seed,
+    canvas = _canvas(args)
+    train_loader = make_loader(train_ds, args.batch_size, canvas, shuffle=True, seed=args.seed,
                                num_workers=args.num_workers, shard=True)
     val_sub = val_ds if not args.val_limit else torch.utils.data.Subset(val_ds, range(min(args.val_limit, len(val_ds))))
-    val_loader = make_loader(val_sub, args.batch_size, shuffle=False, num_workers=args.num_workers)
+    val_loader = make_loader(val_sub, args.batch_size, canvas, shuffle=False, num_workers=args.num_workers)
     extra = {"categories": coco_train.coco.dataset["categories"],
              "label_to_cat_id": list(coco_train.label_to_cat_id), "num_classes": coco_train.num_classes,
-             "image_size": args.image_size,
+             "image_size": args.image_size, "canvas": canvas,
              "train_command": " ".join(["fqdetr"] + sys.argv[1:]) if sys.argv else ""}
     if info.is_main:
         os.makedirs(args.out, exist_ok=True)
@@ -227,7 +243,7 @@ def _train(args, info):
     best = os.path.join(args.out, "best.pth")
     if os.path.isfile(best):
         model = load_detr_checkpoint(best).to(args.device)
-        full = make_loader(val_ds, args.batch_size, shuffle=False, num_workers=args.num_workers)
+        full = make_loader(val_ds, args.batch_size, canvas, shuffle=False, num_workers=args.num_workers)
         result = evaluate_model(model, full, device=args.device, progress=not args.no_progress)["result"]
         paths = write_report(result, os.path.join(args.out, "eval"), title=f"{args.preset} DETR, val split")
         log.info("best model on the full val split: mAP %.4f AP50 %.4f -> %s", result["overall"]["AP"],

@@ -4,7 +4,7 @@ This package knows no model: it yields images and DETR-style targets.
 """
 from fqdetr.data.coco import CocoDetection, load_coco, write_json_atomic
 from fqdetr.data.synthetic import builtin_paths, dataset_stats, make_builtin_dataset
-from fqdetr.data.transforms import collate_fn, make_transforms
+from fqdetr.data.transforms import PadToCanvas, make_transforms, max_size_for
 
 __all__ = ["CocoDetection", "load_coco", "write_json_atomic", "make_builtin_dataset",
-           "builtin_paths", "dataset_stats", "make_transforms", "collate_fn"]
+           "builtin_paths", "dataset_stats", "make_transforms", "max_size_for", "PadToCanvas"]

@@ -1,7 +1,7 @@
 """Small helpers over torch.distributed, for runs launched by ``torchrun``.
 
     info = init_distributed()          # no-op (world 1) unless launched by torchrun
-    sampler = distributed_sampler(dataset, shuffle=True, seed=42)
+    loader = make_loader(dataset, batch, canvas, shard=True)   # fqdetr.engine.loader
     ...
     all_reduce_fisher(collector)       # N processes -> the same sums as one process
     if is_main(): save / log / evaluate
@@ -10,17 +10,16 @@
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; the process
 group uses NCCL when CUDA is available (one GPU per process, ``cuda:LOCAL_RANK``) and
 gloo otherwise. Every helper also works in a plain single process (world size 1),
-so the loops call them unconditionally.
+so the loops call them unconditionally. A leaf module: it imports nothing from fqdetr.
 """
 import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -172,57 +171,6 @@ def shard_indices(indices, rank_, world, pad=True):
         extra = world - len(indices) % world
         indices += (indices * (extra // len(indices) + 1))[:extra]
     return indices[rank_::world]
-
-
-class DistributedResumableSampler(Sampler):
-    """This rank's share of a (seed + epoch)-seeded permutation of the dataset, resumable.
-
-    Same interface as fqdetr.engine.loader.ResumableSampler: ``set_epoch(epoch, start)``
-    with ``start`` the number of this rank's samples already used in the epoch. All ranks
-    draw the same permutation (private generator, no global RNG) and take every
-    ``world``-th element of it; see ``shard_indices`` for ``pad``.
-    """
-
-    def __init__(self, data_source: Dataset, shuffle: bool = True, seed: int = 0, rank_=None, world=None,
-                 pad: bool = True):
-        self.dataset_len = len(data_source)
-        self.shuffle, self.seed, self.pad = shuffle, int(seed), pad
-        self.world = world_size() if world is None else int(world)
-        self.rank = rank() if rank_ is None else int(rank_)
-        if not 0 <= self.rank < self.world:
-            raise ValueError(f"rank: expected 0 <= rank < world ({self.world}), got {self.rank}")
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = int(epoch), int(start)
-
-    def _order(self):
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            return torch.randperm(self.dataset_len, generator=g).tolist()
-        return list(range(self.dataset_len))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(shard_indices(self._order(), self.rank, self.world, self.pad)[self.start:])
-
-    def __len__(self) -> int:
-        n = self.dataset_len
-        if self.pad:
-            per_rank = -(-n // self.world) if n else 0
-        else:
-            per_rank = len(range(self.rank, n, self.world))
-        return max(per_rank - self.start, 0)
-
-
-def distributed_sampler(dataset, shuffle=True, seed=0, pad=True):
-    """The sampler for ``dataset`` in this process: a DistributedResumableSampler sharding it
-    across ranks when distributed, else fqdetr.engine.loader.ResumableSampler (whole dataset).
-    Use pad=False for Fisher estimation (each image counted once overall)."""
-    if world_size() > 1:
-        return DistributedResumableSampler(dataset, shuffle=shuffle, seed=seed, pad=pad)
-    from fqdetr.engine.loader import ResumableSampler
-
-    return ResumableSampler(dataset, shuffle=shuffle, seed=seed)
 
 
 def wrap_ddp(model, info=None, **kwargs):

@@ -3,7 +3,7 @@ import logging
 from pathlib import Path
 
 from fqdetr.critical import category_sets
-from fqdetr.data import CocoDetection, builtin_paths, make_builtin_dataset, make_transforms
+from fqdetr.data import CocoDetection, builtin_paths, make_builtin_dataset, make_transforms, max_size_for
 from fqdetr.engine.evaluate import evaluate_model
 from fqdetr.models import SetCriterion, build_criterion
 from fqdetr.sensitivity import detr_objectives
@@ -11,12 +11,17 @@ from fqdetr.sensitivity import detr_objectives
 log = logging.getLogger(__name__)
 
 
-def checkpoint_image_size(path, default=128):
-    """The evaluation image size stored with a checkpoint (``image_size``), else ``default``."""
+def checkpoint_geometry(path, image_size=None, default_size=128):
+    """(image_size, canvas) for running the checkpoint at ``path``: ``image_size`` when given,
+    else the checkpoint's training size (``image_size``), else ``default_size``; the canvas every
+    image is padded to (fqdetr.data.PadToCanvas) is the checkpoint's ``canvas``, else the
+    longest side a resized image can have, max_size_for(image_size)."""
     from fqdetr.models.checkpoint import read_checkpoint
 
-    size = read_checkpoint(path).get("image_size")
-    return int(size) if size else default
+    ckpt = read_checkpoint(path)
+    image_size = int(image_size or ckpt.get("image_size") or default_size)
+    canvas = ckpt.get("canvas")
+    return image_size, int(canvas) if canvas else max_size_for(image_size)
 
 
 def load_datasets(data_dir, image_size=128, num_train=400, num_val=200):
@@ -29,7 +34,7 @@ def load_datasets(data_dir, image_size=128, num_train=400, num_val=200):
         # The generator's own image size (what the shipped model was trained on); ``image_size``
         # is the resize applied when reading.
         make_builtin_dataset(data_dir, num_train=num_train, num_val=num_val, seed=0)
-    tf = make_transforms("val", scales=[image_size], max_size=image_size * 4 // 3)
+    tf = make_transforms("val", scales=[image_size], max_size=max_size_for(image_size))
     return {split: CocoDetection(*builtin_paths(data_dir, split), transforms=tf) for split in ("train", "val")}
 
 

@@ -163,8 +163,7 @@ def train_detr(model: nn.Module, criterion: nn.Module, train_loader, val_loader=
         _restore_rank_rng(ckpt, resume, world)
         log.info("resumed from %s at epoch %d, step %d (%d into the epoch)", resume,
                  state["epoch"], state["step"], state["epoch_step"])
-    if world > 1 and not isinstance(getattr(train_loader, "sampler", None),
-                                    dist_utils.DistributedResumableSampler):
+    if world > 1 and getattr(getattr(train_loader, "sampler", None), "world", 1) != world:
         warnings.warn("distributed training with a loader that does not shard the data: every rank "
                       "sees every image (use make_loader(..., shard=True))")
     if out_dir and main:

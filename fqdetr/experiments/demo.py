@@ -16,7 +16,7 @@ from fqdetr.allocate import allocate_bits, sensitivities
 from fqdetr.engine.loader import make_loader
 from fqdetr.engine.qat import qat, upweighted_criterion
 from fqdetr.engine.quantize import fixed_bounds, layer_weights, quantize_detr
-from fqdetr.engine.setup import checkpoint_image_size, critical_setup, evaluate_splits, load_datasets
+from fqdetr.engine.setup import checkpoint_geometry, critical_setup, evaluate_splits, load_datasets
 from fqdetr.models import load_detr_checkpoint
 from fqdetr.report import write_method_report
 from fqdetr.sensitivity import fisher_traces
@@ -31,14 +31,14 @@ def run_demo(out_dir, model_path, data_dir, critical="person", budget_avg_bits=4
     torch.manual_seed(seed)
     start, out_dir = time.time(), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    image_size = image_size or checkpoint_image_size(model_path)
+    image_size, canvas = checkpoint_geometry(model_path, image_size)
     data = load_datasets(data_dir, image_size, max(eval_images, fisher_images, 400), eval_images)
     train_subset = torch.utils.data.Subset(data["train"], range(min(eval_images, len(data["train"]))))
-    loaders = {"val": make_loader(data["val"], batch_size, shuffle=False),
-               "train": make_loader(train_subset, batch_size, shuffle=False)}
+    loaders = {"val": make_loader(data["val"], batch_size, canvas, shuffle=False),
+               "train": make_loader(train_subset, batch_size, canvas, shuffle=False)}
     fisher_loader = make_loader(torch.utils.data.Subset(data["train"], range(fisher_images)), batch_size,
-                                shuffle=False)
-    qat_loader = make_loader(data["train"], batch_size, shuffle=True, seed=seed)
+                                canvas, shuffle=False)
+    qat_loader = make_loader(data["train"], batch_size, canvas, shuffle=True, seed=seed)
     model = load_detr_checkpoint(model_path).eval()
     criterion, objectives, S, sets = critical_setup(model, data["val"], critical)
     results = {"config": {"critical": critical, "critical_labels": S, "budget_avg_bits": budget_avg_bits,

@@ -1,6 +1,6 @@
 """Reproduction of METHOD.md section 6, findings 1-4, over several seeds.
 
-Each seed runs the demo pipeline (fqdetr.engine.demo.run_demo) and, for finding 1, the
+Each seed runs the demo pipeline (fqdetr.experiments.demo.run_demo) and, for finding 1, the
 per-category sensitivity study: the Fisher trace of each category's critical objective
 against its AP drop under uniform low-bit PTQ. Verdicts are computed from means and
 spreads over seeds; nothing is tuned to make a finding hold.
@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from scipy.stats import pearsonr, spearmanr
 
-from fqdetr.engine.demo import run_demo
 from fqdetr.io import atomic_write_text
 from fqdetr.engine.loader import make_loader
 from fqdetr.engine.quantize import quantize_detr
-from fqdetr.engine.setup import checkpoint_image_size, critical_setup, evaluate_splits, load_datasets
+from fqdetr.experiments.demo import run_demo
+from fqdetr.engine.setup import checkpoint_geometry, critical_setup, evaluate_splits, load_datasets
 from fqdetr.models import load_detr_checkpoint
 from fqdetr.quant import set_fake_quant
 from fqdetr.sensitivity import fisher_traces
@@ -25,13 +25,14 @@ from fqdetr.sensitivity import fisher_traces
 log = logging.getLogger(__name__)
 
 
-def sensitivity_vs_drop(model, data, loaders, w_bits=3, fisher_images=32, batch_size=8):
+def sensitivity_vs_drop(model, data, loaders, canvas, w_bits=3, fisher_images=32, batch_size=8):
     """Finding 1: per category c, sum_l tr(F_l) of the critical objective of {c} on the float
-    model, and AP_c(float) - AP_c(uniform w_bits PTQ) on val. Returns rows and correlations."""
+    model, and AP_c(float) - AP_c(uniform w_bits PTQ) on val (``canvas``: the model's, for the
+    Fisher loader). Returns rows and correlations."""
     cats = data["val"].coco.loadCats(data["val"].cat_ids)
     names = [c["name"] for c in cats]
     fisher_loader = make_loader(torch.utils.data.Subset(data["train"], range(fisher_images)), batch_size,
-                                shuffle=False)
+                                canvas, shuffle=False)
     sets = {n: n for n in names}
     float_ap = evaluate_splits(model, {"val": loaders["val"]}, sets)["val"]["critical"]
     ptq = quantize_detr(model, w_bits=w_bits, calib_loader=fisher_loader)
@@ -121,10 +122,11 @@ def reproduce(out_dir, model_path, data_dir, seeds=(0, 1, 2), critical="person",
                         fisher_images=fisher_images, eval_images=eval_images, seed=seed, **demo_kwargs)
         torch.manual_seed(seed)
         model = load_detr_checkpoint(model_path).eval()
-        data = load_datasets(data_dir, checkpoint_image_size(model_path), max(eval_images, 400), eval_images)
-        loaders = {"val": make_loader(data["val"], 8, shuffle=False)}
+        image_size, canvas = checkpoint_geometry(model_path)
+        data = load_datasets(data_dir, image_size, max(eval_images, 400), eval_images)
+        loaders = {"val": make_loader(data["val"], 8, canvas, shuffle=False)}
         offset = torch.utils.data.Subset(data["train"], range(seed * 32, len(data["train"])))
-        f1 = sensitivity_vs_drop(model, {"train": offset, "val": data["val"]}, loaders)
+        f1 = sensitivity_vs_drop(model, {"train": offset, "val": data["val"]}, loaders, canvas)
         run = {"seed": seed, "demo": demo, "finding1": f1}
         atomic_write_text(cached, json.dumps(run, default=float))
         runs.append(run)
