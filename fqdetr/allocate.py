@@ -13,6 +13,7 @@ Allocation: the integer linear program, one bit-width per layer,
 solved exactly with scipy.optimize.milp (HiGHS branch and bound).
 """
 import logging
+import math
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from fqdetr.quant.quantizer import scale_from_data
 from fqkernels import reference
+from fqkernels.checks import check_bits
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +35,41 @@ def quantization_error(weight, bits, method="max"):
     return float((reference.fake_quant_forward(w, s, bits, True, axis=0) - w).square().sum())
 
 
+def check_candidates(candidates):
+    """``candidates`` as a sorted tuple of distinct bit-widths the quantizers support (2..8);
+    ValueError / TypeError naming the first bad one."""
+    if isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__iter__"):
+        raise TypeError(f"candidates: expected a sequence of bit-widths, got {candidates!r}")
+    candidates = tuple(candidates)
+    if not candidates:
+        raise ValueError("candidates: expected at least one bit-width")
+    for b in candidates:
+        check_bits(int(b) if isinstance(b, np.integer) else b, "candidates")
+    return tuple(sorted({int(b) for b in candidates}))
+
+
+def _check_trace(name, value):
+    """A Fisher trace as a float; ValueError unless finite and >= 0 (a trace of a PSD matrix)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"traces[{name!r}]: expected a number, got {value!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"traces[{name!r}]: expected a finite Fisher trace >= 0, got {value}")
+    return value
+
+
 def sensitivities(weights, traces, candidates=DEFAULT_CANDIDATES):
     """{layer: {bits: Omega_l(bits)}} from weights {layer: tensor} and traces {layer: tr(F_l)}."""
+    candidates = check_candidates(candidates)
     missing = set(weights) - set(traces)
     if missing:
         raise ValueError(f"traces: no Fisher trace for layers {sorted(missing)}")
-    return {name: {b: float(traces[name]) / w.numel() * quantization_error(w, b) for b in candidates}
-            for name, w in weights.items()}
+    out = {}
+    for name, w in weights.items():
+        trace = _check_trace(name, traces[name])
+        out[name] = {b: trace / w.numel() * quantization_error(w, b) for b in candidates}
+    return out
 
 
 def _parse_budget(budget, sizes):
@@ -47,11 +77,16 @@ def _parse_budget(budget, sizes):
     total = sum(sizes.values())
     if isinstance(budget, dict):
         if set(budget) == {"avg_bits"}:
-            return float(budget["avg_bits"]) * total
-        if set(budget) == {"mb"}:
-            return float(budget["mb"]) * 8 * 1024 * 1024
-        raise ValueError(f"budget: expected a number of bits, {{'avg_bits': x}} or {{'mb': x}}, got {budget}")
-    return float(budget)
+            bits = float(budget["avg_bits"]) * total
+        elif set(budget) == {"mb"}:
+            bits = float(budget["mb"]) * 8 * 1024 * 1024
+        else:
+            raise ValueError(f"budget: expected a number of bits, {{'avg_bits': x}} or {{'mb': x}}, got {budget}")
+    else:
+        bits = float(budget)
+    if not (math.isfinite(bits) and bits > 0):
+        raise ValueError(f"budget: expected a finite size > 0, got {budget}")
+    return bits
 
 
 def _allowed(name, candidates, bounds):
@@ -73,6 +108,7 @@ def allocate_bits(sensitivity, sizes, budget, candidates=DEFAULT_CANDIDATES, bou
     budget cannot be met.
     """
     bounds, names = bounds or {}, list(sizes)
+    candidates = check_candidates(candidates)
     budget_bits = _parse_budget(budget, sizes)
     choices = [(n, b) for n in names for b in _allowed(n, candidates, bounds)]
     smallest = sum(sizes[n] * min(_allowed(n, candidates, bounds)) for n in names)
@@ -101,7 +137,7 @@ def allocate_bits(sensitivity, sizes, budget, candidates=DEFAULT_CANDIDATES, bou
 def uniform_allocation(sizes, budget, candidates=DEFAULT_CANDIDATES, bounds=None):
     """The largest single bit-width (for unbounded layers) that fits the budget."""
     budget_bits = _parse_budget(budget, sizes)
-    bounds = bounds or {}
+    bounds, candidates = bounds or {}, check_candidates(candidates)
     for b in sorted(candidates, reverse=True):
         alloc = {n: min(max(b, min(_allowed(n, candidates, bounds))), max(_allowed(n, candidates, bounds)))
                  for n in sizes}
@@ -112,6 +148,7 @@ def uniform_allocation(sizes, budget, candidates=DEFAULT_CANDIDATES, bounds=None
 
 def random_sensitivity(sizes, candidates=DEFAULT_CANDIDATES, seed=0):
     """Random layer importances (the "random" baseline): decreasing in bits, random scale per layer."""
+    candidates = check_candidates(candidates)
     gen = torch.Generator().manual_seed(seed)
     scale = torch.rand(len(sizes), generator=gen).tolist()
     return {n: {b: s * 4.0 ** (-b) for b in candidates} for n, s in zip(sizes, scale)}

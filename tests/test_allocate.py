@@ -78,3 +78,83 @@ def test_sensitivity_grows_as_bits_shrink_and_uniform_baseline():
     assert set(rnd) == set(sizes) and rnd["a"][2] > rnd["a"][8]
     with pytest.raises(ValueError, match="traces"):
         sensitivities(weights, {"a": 1.0})
+
+
+# ------------------------------------------------------------------ bad input and a_bits
+
+@pytest.mark.parametrize("candidates, error, match", [
+    ((2, 16), ValueError, "candidates: expected a bit-width in 2..8, got 16"),
+    ((1, 4), ValueError, "got 1"),
+    (("4",), TypeError, "candidates"),
+    ((), ValueError, "at least one"),
+    ("48", TypeError, "a sequence of bit-widths"),
+])
+def test_candidates_are_checked(candidates, error, match):
+    sizes, sens, _ = _instance(0, candidates=(2, 4, 8))
+    for call in (lambda: allocate_bits(sens, sizes, {"avg_bits": 4}, candidates),
+                 lambda: uniform_allocation(sizes, {"avg_bits": 4}, candidates),
+                 lambda: sensitivities({"l0": torch.ones(4, 4)}, {"l0": 1.0}, candidates)):
+        with pytest.raises(error, match=match):
+            call()
+
+
+@pytest.mark.parametrize("trace", [float("nan"), -1.0, float("inf"), "big"])
+def test_fisher_traces_must_be_finite_and_non_negative(trace):
+    weights = {"a": torch.randn(4, 4), "b": torch.randn(4, 4)}
+    with pytest.raises(ValueError, match=r"traces\['b'\]: expected a"):
+        sensitivities(weights, {"a": 1.0, "b": trace}, (2, 4))
+    assert sensitivities(weights, {"a": 1.0, "b": 0.0}, (2, 4))["b"] == {2: 0.0, 4: 0.0}
+
+
+@pytest.mark.parametrize("budget", [float("nan"), -8.0, 0, {"avg_bits": float("inf")}])
+def test_budget_must_be_finite_and_positive(budget):
+    sizes, sens, candidates = _instance(1)
+    with pytest.raises(ValueError, match="budget: expected a finite size > 0"):
+        allocate_bits(sens, sizes, budget, candidates)
+
+
+def _quantizer_bits(module):
+    """(weight bits, [activation bits]) of a quantized layer."""
+    inputs = list(module.input_quantizers) if hasattr(module, "input_quantizers") else [module.input_quantizer]
+    return module.weight_quantizer.bits, [q.bits for q in inputs]
+
+
+def test_per_layer_a_bits_reach_the_model():
+    """allocation.json's a_bits are run, not only reported (attention out_proj included)."""
+    from fqdetr.engine.quantize import layer_weights, quantize_detr
+    from fqdetr.models import build_detr
+    from fqdetr.quant import quantized_modules
+
+    model = build_detr("tiny", num_classes=3)
+    names = list(layer_weights(quantize_detr(model)))
+    allocation = {n: {"w_bits": 3 + i % 4, "a_bits": 4 + i % 3} for i, n in enumerate(names)}
+    modules = quantized_modules(quantize_detr(model, allocation=allocation, a_bits=8))
+    assert any(n.endswith("self_attn.out_proj") for n in names)
+    for name, bits in allocation.items():
+        assert _quantizer_bits(modules[name]) == (bits["w_bits"], [bits["a_bits"]] * (3 if name.endswith(
+            "attn") else 1)), name
+
+
+def test_allocate_cli_checks_its_numbers(tmp_path, capsys):
+    import json
+
+    from fqdetr.cli import main
+    from fqdetr.models import build_detr, save_detr_checkpoint
+
+    save_detr_checkpoint(build_detr("tiny", num_classes=3), tmp_path / "m.pth")
+    common = ["allocate", "--model", str(tmp_path / "m.pth"), "--out", str(tmp_path)]
+    for flag, value, message in (("--a-bits", "99", "expected a bit-width in 2..8, got 99"),
+                                 ("--candidates", "4,16", "expected a bit-width in 2..8, got 16"),
+                                 ("--budget", "nan", "expected a finite number > 0, got nan")):
+        with pytest.raises(SystemExit) as exit_:
+            main([*common, flag, value])
+        assert exit_.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
+    from fqdetr.engine.quantize import layer_weights, quantize_detr
+    from fqdetr.models import load_detr_checkpoint
+
+    traces = {n: 1.0 for n in layer_weights(quantize_detr(load_detr_checkpoint(tmp_path / "m.pth")))}
+    traces[next(iter(traces))] = float("nan")
+    (tmp_path / "fisher.json").write_text(json.dumps({"critical": traces}))
+    assert main([*common, "--fisher", str(tmp_path / "fisher.json")]) == 2
+    err = capsys.readouterr().err
+    assert "--fisher: " in err and "expected a finite Fisher trace >= 0, got nan" in err

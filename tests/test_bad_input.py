@@ -309,7 +309,7 @@ def test_yaml_configs_never_construct_python_objects(tmp_path):
         QuantConfig.load(path)
     from fqdetr.cli._common import load_config_file
 
-    with pytest.raises(SystemExit, match="evil.yaml"):
+    with pytest.raises(ValueError, match="evil.yaml"):
         load_config_file(path)
     assert not marker.exists()
 
@@ -337,12 +337,12 @@ def test_cli_json_options_name_option_and_file(tmp_path):
 
     bad = tmp_path / "alloc.json"
     bad.write_text("{oops")
-    with pytest.raises(SystemExit, match="--allocation: cannot read .*alloc.json as JSON"):
+    with pytest.raises(ValueError, match="--allocation: cannot read .*alloc.json as JSON"):
         read_json_option(bad, "--allocation")
     bad.write_text("[1]")
-    with pytest.raises(SystemExit, match="--allocation: .*alloc.json must hold a JSON object"):
+    with pytest.raises(ValueError, match="--allocation: .*alloc.json must hold a JSON object"):
         read_json_option(bad, "--allocation")
-    with pytest.raises(SystemExit, match="--fisher: cannot read .*missing.json"):
+    with pytest.raises(ValueError, match="--fisher: cannot read .*missing.json"):
         read_json_option(tmp_path / "missing.json", "--fisher")
     bad.write_text('{"a": 1}')
     assert read_json_option(bad, "--fisher") == {"a": 1}

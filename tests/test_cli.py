@@ -4,6 +4,7 @@ import json
 import pytest
 
 from fqdetr.cli import main
+from fqdetr.data import make_builtin_dataset
 from fqdetr.models import build_detr, save_detr_checkpoint
 
 
@@ -11,6 +12,7 @@ from fqdetr.models import build_detr, save_detr_checkpoint
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     save_detr_checkpoint(build_detr("tiny", num_classes=16), root / "model.pth")
+    make_builtin_dataset(root / "data", num_train=24, num_val=8, seed=0)
     return root
 
 
@@ -39,20 +41,24 @@ def test_fisher_allocate_ptq_qat_chain(run_dir, capsys):
     assert len(qat["history"]) == 2 and "R" in qat["history"][0] and qat["args"]["reg_lambda"] == 0.05
 
 
-def test_cli_errors_are_clear(run_dir, tmp_path):
-    with pytest.raises(SystemExit, match="smallest feasible"):
-        main(["allocate", "--model", str(run_dir / "model.pth"), "--strategy", "random", "--out", str(tmp_path),
-              "--budget", "1"])
-    with pytest.raises(SystemExit, match="--fisher"):
-        main(["allocate", "--model", str(run_dir / "model.pth"), "--out", str(tmp_path)])
+def test_cli_errors_are_clear(run_dir, tmp_path, capsys):
+    """Bad input: exit code 2 and one line naming the option, no traceback."""
+    def error_of(argv):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        return err
+
+    assert "smallest feasible" in error_of(["allocate", "--model", str(run_dir / "model.pth"), "--strategy",
+                                            "random", "--out", str(tmp_path), "--budget", "1"])
+    assert "--fisher" in error_of(["allocate", "--model", str(run_dir / "model.pth"), "--out", str(tmp_path)])
     bad = tmp_path / "bad.json"
     bad.write_text('{"stepz": 3}')
-    with pytest.raises(SystemExit, match="unknown options"):
-        main(["qat", *_common(run_dir), "--out", str(tmp_path), "--config", str(bad)])
-    with pytest.raises(SystemExit, match="does not exist"):
-        main(["ptq", "--model", str(tmp_path / "nope.pth"), "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="results"):
-        main(["report", str(bad)])
+    assert "unknown options ['stepz']" in error_of(["qat", *_common(run_dir), "--out", str(tmp_path),
+                                                    "--config", str(bad)])
+    assert "does not exist" in error_of(["ptq", "--model", str(tmp_path / "nope.pth"), "--out", str(tmp_path)])
+    assert "results" in error_of(["report", str(bad)])
 
 
 def test_fisher_under_torchrun_equals_one_process(run_dir, tmp_path):

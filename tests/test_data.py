@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -9,8 +10,8 @@ import torch
 from PIL import Image
 
 from fqdetr.cli import main as cli_main
-from fqdetr.data import (CocoDetection, PadToCanvas, builtin_paths, dataset_stats,
-                         make_builtin_dataset, make_transforms)
+from fqdetr.data import (BUILTIN, CocoDetection, PadToCanvas, builtin_paths, dataset_stats,
+                         make_builtin_dataset, make_transforms, resolve_dataset)
 from fqdetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Compose, RandomHorizontalFlip, ToTensor
 
 CATS = [{"id": 5, "name": "cat_a", "supercategory": "g1"},
@@ -251,3 +252,79 @@ def test_cli_data_make_and_stats(tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(["data", "stats", str(out / "annotations" / "instances_val.json")]) == 0
     assert json.loads(capsys.readouterr().out)["num_images"] == 2
+
+
+# ---------------------------------------------------------------- dataset layouts
+
+def _coco2017(root, splits=("train", "val")):
+    """A COCO-2017 layout (DIR/{split}2017/, DIR/annotations/instances_{split}2017.json) of tiny_coco."""
+    root.mkdir(parents=True)
+    folder, ann = write_tiny_coco(root)
+    (root / "annotations").mkdir()
+    for split in splits:
+        shutil.copytree(folder, root / f"{split}2017")
+        shutil.copy(ann, root / "annotations" / f"instances_{split}2017.json")
+
+
+def test_resolve_reads_both_layouts(tmp_path):
+    make_builtin_dataset(tmp_path / "b", num_train=2, num_val=2, seed=0)
+    paths = resolve_dataset(tmp_path / "b")
+    assert paths == {s: builtin_paths(tmp_path / "b", s) for s in ("train", "val")}
+    _coco2017(tmp_path / "c")
+    paths = resolve_dataset(tmp_path / "c")
+    for split in ("train", "val"):
+        assert paths[split] == (str(tmp_path / "c" / f"{split}2017"),
+                                str(tmp_path / "c" / "annotations" / f"instances_{split}2017.json"))
+        assert len(CocoDetection(*paths[split])) == 3
+
+
+def test_resolve_never_fills_a_mistyped_or_foreign_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--data: .*typo does not exist.*instances_val2017\.json"):
+        resolve_dataset(tmp_path / "typo")
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "other" / "images").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="holds neither layout"):
+        resolve_dataset(tmp_path / "other")
+    assert os.listdir(tmp_path / "other") == ["images"]
+    _coco2017(tmp_path / "half", splits=("val",))  # val2017 without train2017
+    with pytest.raises(FileNotFoundError, match="instances_train2017.json"):
+        resolve_dataset(tmp_path / "half")
+    assert set(resolve_dataset(tmp_path / "half", splits=("val",))) == {"val"}
+    _coco2017(tmp_path / "noimg")
+    (tmp_path / "noimg" / "val2017").rename(tmp_path / "noimg" / "elsewhere")
+    with pytest.raises(FileNotFoundError, match="image folder .*val2017 does not"):
+        resolve_dataset(tmp_path / "noimg")
+
+
+def test_builtin_is_generated_only_when_asked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    paths = resolve_dataset(BUILTIN, num_train=3, num_val=2)
+    assert paths["val"] == builtin_paths(os.path.join("data", "builtin"), "val")
+    assert len(CocoDetection(*paths["train"])) == 3 and len(CocoDetection(*paths["val"])) == 2
+    stamp = os.stat(paths["val"][1]).st_mtime_ns
+    # The default folder, named as a path, is the same request; an existing dataset is reused.
+    again = resolve_dataset(tmp_path / "data" / "builtin", num_train=9, num_val=9)
+    assert os.path.samefile(again["val"][1], paths["val"][1]) and len(CocoDetection(*again["val"])) == 2
+    assert os.stat(paths["val"][1]).st_mtime_ns == stamp
+    with pytest.raises(FileNotFoundError):
+        resolve_dataset(tmp_path / "data" / "builtin2")
+
+
+def test_cli_data_typo_is_an_error_not_a_dataset(tmp_path, capsys):
+    from fqdetr.models import build_detr, save_detr_checkpoint
+
+    save_detr_checkpoint(build_detr("tiny", num_classes=3), tmp_path / "m.pth")
+    assert cli_main(["ptq", "--model", str(tmp_path / "m.pth"), "--data", str(tmp_path / "dat"),
+                     "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fqdetr ptq: error: --data:") and "dat does not exist" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "dat").exists()
+
+
+def test_degenerate_boxes_are_counted_in_a_warning(tmp_path, caplog):
+    def degenerate(data):
+        data["annotations"].append(_ann(6, 2, 9, [1, 1, -3, 4]))
+    _, ann = write_tiny_coco(tmp_path, degenerate)
+    with caplog.at_level("WARNING", logger="fqdetr.data.coco"):
+        CocoDetection(tmp_path / "images", ann)
+    assert "of 6 boxes, 1 have a zero and 1 a negative width or height" in caplog.text

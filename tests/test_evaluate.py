@@ -222,3 +222,72 @@ def test_cli_eval(gt_file, coco_gt, tmp_path, capsys):
     assert set(report["critical"]) == {"person", "vehicle"}
     assert cli_main(["eval", "--gt", str(gt_file), "--detections", str(det)]) == 0
     assert "| sign |" in capsys.readouterr().out
+
+
+# --------------------------------------------------------- a model's labels on another numbering
+
+def _renumber(root, new_id, drop=()):
+    """Rewrites both splits' jsons under ``root``: category id c becomes new_id[c]; categories
+    named in ``drop`` go, with their boxes."""
+    for split in ("train", "val"):
+        ann = builtin_paths(root, split)[1]
+        data = json.loads(open(ann).read())
+        kept = {c["id"] for c in data["categories"] if c["name"] not in drop}
+        data["categories"] = [dict(c, id=new_id[c["id"]]) for c in data["categories"] if c["id"] in kept]
+        data["annotations"] = [dict(a, category_id=new_id[a["category_id"]]) for a in data["annotations"]
+                               if a["category_id"] in kept]
+        with open(ann, "w") as f:
+            json.dump(data, f)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """(model, its class names, image size, canvas) of the shipped DETR."""
+    from fqdetr.cli._common import DEFAULT_MODEL
+    from fqdetr.data import class_names_of
+    from fqdetr.engine.setup import checkpoint_geometry
+    from fqdetr.models import load_detr_checkpoint
+    from fqdetr.models.checkpoint import read_checkpoint
+
+    return (load_detr_checkpoint(DEFAULT_MODEL).eval(), class_names_of(read_checkpoint(DEFAULT_MODEL)),
+            *checkpoint_geometry(DEFAULT_MODEL))
+
+
+def test_labels_follow_the_checkpoint_not_the_dataset_numbering(shipped, tmp_path):
+    import shutil
+
+    from fqdetr.engine.evaluate import evaluate_model
+    from fqdetr.engine.loader import make_loader
+    from fqdetr.engine.setup import load_datasets
+
+    model, names, image_size, canvas = shipped
+    make_builtin_dataset(tmp_path / "a", num_train=0, num_val=8, seed=1)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    ids = sorted(c["id"] for c in load_coco(builtin_paths(tmp_path / "a", "val")[1]).dataset["categories"])
+    _renumber(tmp_path / "b", dict(zip(ids, reversed(ids))))  # same categories, ids in reverse order
+
+    def evaluate(root, class_names):
+        val = load_datasets(root, image_size, class_names=class_names)["val"]
+        return evaluate_model(model, make_loader(val, 8, canvas, shuffle=False))["result"]
+
+    original, renumbered = evaluate(tmp_path / "a", names), evaluate(tmp_path / "b", names)
+    assert original["overall"]["AP"] > 0.2
+    assert renumbered["overall"]["AP"] == pytest.approx(original["overall"]["AP"], abs=1e-12)
+    assert {n: c["AP"] for n, c in renumbered["per_category"].items()} == \
+        {n: c["AP"] for n, c in original["per_category"].items()}
+    # Labels by the dataset's own sorted ids (what evaluation did before) score far less.
+    assert evaluate(tmp_path / "b", None)["overall"]["AP"] < 0.5 * original["overall"]["AP"]
+
+
+def test_dataset_categories_must_match_the_checkpoint(shipped, tmp_path, capsys):
+    from fqdetr.engine.setup import load_datasets
+
+    _, names, image_size, _ = shipped
+    make_builtin_dataset(tmp_path, num_train=0, num_val=2, seed=1)
+    ids = {c["id"]: c["id"] for c in load_coco(builtin_paths(tmp_path, "val")[1]).dataset["categories"]}
+    _renumber(tmp_path, ids, drop=("cat",))
+    with pytest.raises(ValueError, match=r"instances_train.json: its categories disagree with the model's 16 "
+                                         r"classes: missing \['cat'\], not in the model \[\]"):
+        load_datasets(tmp_path, image_size, class_names=names)
+    assert cli_main(["ptq", "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "missing ['cat']" in capsys.readouterr().err

@@ -1,8 +1,17 @@
 """Arguments and set-up shared by the method's sub-commands (fisher, allocate, ptq, qat)."""
+import argparse
 import json
+import math
 from pathlib import Path
+
+# fqdetr.data.layout's BUILTIN and DEFAULT_BUILTIN_DIR, spelt out so that building the parser
+# (--help) imports no torch; tests/test_cli_input.py checks that they agree.
+BUILTIN, DEFAULT_BUILTIN_DIR = "builtin", "data/builtin"
 from typing import Any, NamedTuple
 
+DATA_HELP = (f"dataset folder: DIR/{{train,val}}/ + DIR/annotations/instances_{{train,val}}.json, or COCO "
+             f"2017's DIR/{{train,val}}2017/ + DIR/annotations/instances_{{train,val}}2017.json; '{BUILTIN}' or "
+             f"the default {DEFAULT_BUILTIN_DIR} generate the built-in dataset there when missing")
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "detr_tiny_builtin.pth"
 
 
@@ -14,20 +23,18 @@ def add_common(p, data=True):
     p.add_argument("--out", required=True, metavar="DIR", help="run folder for the outputs")
     if data:
         g = p.add_argument_group("data")
-        g.add_argument("--data", default="data/builtin", help="COCO-layout dataset folder; the built-in "
-                                                              "dataset is generated there when missing")
-        g.add_argument("--image-size", type=int, default=None,
+        g.add_argument("--data", default=DEFAULT_BUILTIN_DIR, help=DATA_HELP)
+        g.add_argument("--image-size", type=positive_int, default=None,
                        help="shorter image side (default: the checkpoint's training size, else 128)")
-        g.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
-        g.add_argument("--eval-images", type=int, default=200,
+        g.add_argument("--batch-size", type=positive_int, default=8, help="images per batch (default 8)")
+        g.add_argument("--eval-images", type=positive_int, default=200,
                        help="val images (and as many training images) evaluated (default 200)")
         g.add_argument("--critical", default="person",
                        help="critical set: a supercategory, a category name, or names joined by '+'")
-    p.set_defaults(_parser=p)
 
 
 def load_config_file(path):
-    """A dict of option defaults from JSON or YAML (safe loader only)."""
+    """A dict of option values from JSON or YAML (safe loader only), keys with '_'."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -37,36 +44,102 @@ def load_config_file(path):
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
-    except (OSError, ValueError, Exception) as err:
-        raise SystemExit(f"--config: cannot read {path}: {err}")
+    except Exception as err:  # OSError, UnicodeDecodeError, JSON and YAML errors
+        raise ValueError(f"--config: cannot read {path}: {err}") from err
     if not isinstance(data, dict):
-        raise SystemExit(f"--config: {path} must hold a mapping of option names to values")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+        raise ValueError(f"--config: {path} must hold a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _config_path(argv):
+    """The value of --config in ``argv`` (--config FILE or --config=FILE), else None."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _config_tokens(action, value, path):
+    """The command-line tokens that give ``action`` the config file's ``value``."""
+    flag = action.option_strings[-1]
+    if action.nargs == 0:  # store_true / store_false
+        if not isinstance(value, bool):
+            raise ValueError(f"--config: {path}: {action.dest} expects true or false, got {value!r}")
+        return [flag] if value != action.default else []
+    if isinstance(value, (list, tuple)) and action.nargs in ("+", "*"):
+        return [flag, *(str(v) for v in value)]
+    if isinstance(value, (dict, list, tuple)) or value is None:
+        raise ValueError(f"--config: {path}: {action.dest} expects one value, got {value!r}")
+    return [flag, str(value)]
+
+
+def with_config(parser, argv):
+    """``argv`` with the options of its --config file inserted right after the sub-command:
+    argparse then checks them (types, choices, ranges) like options typed on the line, and
+    an option given on the line still wins (it comes later)."""
+    path = _config_path(argv)
+    command = next((i for i, arg in enumerate(argv) if arg in parser.commands), None)
+    if path is None or command is None:
+        return argv
+    actions = {a.dest: a for a in parser.commands[argv[command]]._actions if a.option_strings}
+    values = load_config_file(path)
+    unknown = sorted(set(values) - set(actions) | set(values) & {"config", "help", "debug"})
+    if unknown:
+        raise ValueError(f"--config: unknown options {unknown} in {path}")
+    tokens = [t for key, value in values.items() for t in _config_tokens(actions[key], value, path)]
+    return argv[:command + 1] + tokens + argv[command + 1:]
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def bit_width(text):
+    """argparse type: a bit-width the quantizers support, 2..8."""
+    value = int(text)
+    if not 2 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"expected a bit-width in 2..8, got {value}")
+    return value
+
+
+def bit_widths(text):
+    """argparse type: comma-separated bit-widths, each in 2..8."""
+    return tuple(bit_width(part) for part in text.split(","))
+
+
+def non_negative_float(text):
+    """argparse type: a finite float >= 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite float > 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
 
 
 def read_json_option(path, option):
     """The JSON object in file ``path`` given to ``option`` (e.g. "--allocation"); a clear
-    SystemExit naming both when it is missing, unreadable or not a JSON object."""
+    ValueError naming both when it is missing, unreadable or not a JSON object."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as err:  # missing, a directory, not UTF-8, invalid JSON
-        raise SystemExit(f"{option}: cannot read {path} as JSON: {err}")
+        raise ValueError(f"{option}: cannot read {path} as JSON: {err}") from err
     if not isinstance(data, dict):
-        raise SystemExit(f"{option}: {path} must hold a JSON object, got {type(data).__name__}")
+        raise ValueError(f"{option}: {path} must hold a JSON object, got {type(data).__name__}")
     return data
-
-
-def apply_config(parser, args, argv):
-    """Re-parses ``argv`` with the --config file's values as defaults (flags still win)."""
-    if not getattr(args, "config", None):
-        return args
-    values = load_config_file(args.config)
-    unknown = sorted(set(values) - set(vars(args)))
-    if unknown:
-        raise SystemExit(f"--config: unknown options {unknown} in {args.config}")
-    args._parser.set_defaults(**values)
-    return parser.parse_args(argv)
 
 
 def write_json(obj, path):
@@ -94,17 +167,23 @@ def prepare(args, train_images=400):
     canvas) for a command."""
     import torch
 
+    from fqdetr.data import class_names_of
     from fqdetr.engine.loader import make_loader
     from fqdetr.engine.setup import checkpoint_geometry, critical_setup, load_datasets
     from fqdetr.models import load_detr_checkpoint
+    from fqdetr.models.checkpoint import read_checkpoint
 
     if not Path(args.model).exists():
-        raise SystemExit(f"--model: {args.model} does not exist")
+        raise FileNotFoundError(f"--model: {args.model} does not exist")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     model = load_detr_checkpoint(args.model).eval()
     val_images = args.eval_images
     image_size, canvas = checkpoint_geometry(args.model, args.image_size)
-    data = load_datasets(args.data, image_size, max(train_images, val_images), val_images)
+    data = load_datasets(args.data, image_size, max(train_images, val_images), val_images,
+                         class_names=class_names_of(read_checkpoint(args.model)))
+    if data["val"].num_classes != model.class_embed.out_features - 1:
+        raise ValueError(f"--data: {args.data} has {data['val'].num_classes} categories, the model "
+                         f"{args.model} {model.class_embed.out_features - 1} classes")
     train_eval = torch.utils.data.Subset(data["train"], range(min(val_images, len(data["train"]))))
     loaders = {"val": make_loader(data["val"], args.batch_size, canvas, shuffle=False),
                "train": make_loader(train_eval, args.batch_size, canvas, shuffle=False)}

@@ -1,7 +1,8 @@
 """``fqdetr demo``: the main job on the built-in dataset and the shipped DETR."""
 from pathlib import Path
 
-from fqdetr.cli._common import DEFAULT_MODEL
+from fqdetr.cli._common import (DATA_HELP, DEFAULT_BUILTIN_DIR, DEFAULT_MODEL, non_negative_float, positive_float,
+                               positive_int)
 
 
 def add_parser(subparsers):
@@ -13,15 +14,15 @@ def add_parser(subparsers):
                     "critical classes up-weighted. Writes OUT/report.md, OUT/results.json and PNG plots.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="DETR checkpoint (default: the shipped one)")
-    p.add_argument("--data", default="data/builtin", help="built-in dataset folder; generated if missing")
+    p.add_argument("--data", default=DEFAULT_BUILTIN_DIR, help=DATA_HELP)
     p.add_argument("--critical", default="person", help="critical set: a supercategory or category name")
-    p.add_argument("--budget", type=float, default=4.0, help="average weight bits of the allocations (default 4)")
-    p.add_argument("--qat-steps", type=int, default=40, help="QAT steps per variant (default 40)")
-    p.add_argument("--fisher-images", type=int, default=48, help="training images for the Fisher traces (48)")
-    p.add_argument("--eval-images", type=int, default=120, help="val (and train-subset) images evaluated (120)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
-    p.add_argument("--reg-lambda", type=float, default=0.05, help="Fisher-trace regulariser weight")
-    p.add_argument("--upweight", type=float, default=3.0, help="class weight of critical classes (baseline)")
+    p.add_argument("--budget", type=positive_float, default=4.0, help="average weight bits of the allocations (default 4)")
+    p.add_argument("--qat-steps", type=positive_int, default=40, help="QAT steps per variant (default 40)")
+    p.add_argument("--fisher-images", type=positive_int, default=48, help="training images for the Fisher traces (48)")
+    p.add_argument("--eval-images", type=positive_int, default=120, help="val (and train-subset) images evaluated (120)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per batch (default 8)")
+    p.add_argument("--reg-lambda", type=non_negative_float, default=0.05, help="Fisher-trace regulariser weight")
+    p.add_argument("--upweight", type=positive_float, default=3.0, help="class weight of critical classes (baseline)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=run)
 
@@ -33,7 +34,7 @@ def run(args):
 
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     if not Path(args.model).exists():
-        raise SystemExit(f"--model: {args.model} does not exist")
+        raise FileNotFoundError(f"--model: {args.model} does not exist")
     run_demo(args.out, args.model, args.data, critical=args.critical, budget_avg_bits=args.budget,
              qat_steps=args.qat_steps, fisher_images=args.fisher_images, eval_images=args.eval_images,
              batch_size=args.batch_size, reg_lambda=args.reg_lambda, upweight=args.upweight, seed=args.seed)

@@ -1,5 +1,5 @@
 """``fqdetr fisher``: per-layer Fisher traces of the overall / critical / mixed objectives."""
-from fqdetr.cli._common import add_common, prepare, write_json
+from fqdetr.cli._common import add_common, bit_width, non_negative_float, positive_int, prepare, write_json
 
 
 def add_parser(subparsers):
@@ -12,9 +12,9 @@ def add_parser(subparsers):
     add_common(p)
     p.add_argument("--objective", nargs="+", default=["overall", "critical"], choices=["overall", "critical", "mix"],
                    help="objectives (default: overall critical)")
-    p.add_argument("--alpha", type=float, default=1.0, help="mix = alpha * L_all + L_crit (default 1)")
-    p.add_argument("--images", type=int, default=64, help="training images to average over (default 64)")
-    p.add_argument("--w-bits", type=int, default=4, help="weight bits of the model the Fisher is taken on")
+    p.add_argument("--alpha", type=non_negative_float, default=1.0, help="mix = alpha * L_all + L_crit (default 1)")
+    p.add_argument("--images", type=positive_int, default=64, help="training images to average over (default 64)")
+    p.add_argument("--w-bits", type=bit_width, default=4, help="weight bits of the model the Fisher is taken on")
     p.add_argument("--hutchinson", action="store_true", help="also estimate Hessian traces (slow; 'hessian' key)")
     p.set_defaults(func=run)
 

@@ -1,5 +1,5 @@
 """``fqdetr ptq``: post-training quantization (calibrate, apply bits, evaluate, export)."""
-from fqdetr.cli._common import add_common, prepare, read_json_option, write_json
+from fqdetr.cli._common import add_common, bit_width, positive_int, prepare, read_json_option, write_json
 
 
 def add_parser(subparsers):
@@ -11,10 +11,10 @@ def add_parser(subparsers):
                     "OUT/quantized_codes.pt and OUT/quantized_state.pt.")
     add_common(p)
     p.add_argument("--allocation", metavar="JSON", help="allocation.json (else uniform --w-bits)")
-    p.add_argument("--w-bits", type=int, default=4, help="uniform weight bits (default 4)")
-    p.add_argument("--a-bits", type=int, default=8, help="activation bits (default 8)")
+    p.add_argument("--w-bits", type=bit_width, default=4, help="uniform weight bits (default 4)")
+    p.add_argument("--a-bits", type=bit_width, default=8, help="activation bits (default 8)")
     p.add_argument("--calibration", default="max", choices=["max", "percentile", "mse"])
-    p.add_argument("--calib-batches", type=int, default=4, help="calibration batches (default 4)")
+    p.add_argument("--calib-batches", type=positive_int, default=4, help="calibration batches (default 4)")
     p.set_defaults(func=run)
 
 

@@ -1,5 +1,6 @@
 """``fqdetr qat``: quantization-aware training, optionally Fisher-trace regularised."""
-from fqdetr.cli._common import add_common, prepare, read_json_option, write_json
+from fqdetr.cli._common import (add_common, bit_width, non_negative_float, positive_float, positive_int, prepare,
+                               read_json_option, write_json)
 
 
 def add_parser(subparsers):
@@ -12,13 +13,13 @@ def add_parser(subparsers):
                     "data with gradients averaged each step; rank 0 evaluates and writes.")
     add_common(p)
     p.add_argument("--allocation", metavar="JSON", help="allocation.json (else uniform --w-bits)")
-    p.add_argument("--w-bits", type=int, default=4, help="uniform weight bits (default 4)")
-    p.add_argument("--steps", type=int, default=200, help="training batches (default 200)")
-    p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (default 5e-5)")
-    p.add_argument("--reg-lambda", type=float, default=0.0, help="Fisher-trace regulariser weight (default 0)")
+    p.add_argument("--w-bits", type=bit_width, default=4, help="uniform weight bits (default 4)")
+    p.add_argument("--steps", type=positive_int, default=200, help="training batches (default 200)")
+    p.add_argument("--lr", type=positive_float, default=5e-5, help="AdamW learning rate (default 5e-5)")
+    p.add_argument("--reg-lambda", type=non_negative_float, default=0.0, help="Fisher-trace regulariser weight (default 0)")
     p.add_argument("--reg-estimator", default="batch", choices=["batch", "per-sample"])
     p.add_argument("--reg-method", default="exact", choices=["exact", "finite-difference"])
-    p.add_argument("--upweight", type=float, default=1.0, help="critical classes' CE weight (default 1 = off)")
+    p.add_argument("--upweight", type=positive_float, default=1.0, help="critical classes' CE weight (default 1 = off)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=run)
 

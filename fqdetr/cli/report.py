@@ -21,9 +21,9 @@ def run(args):
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise SystemExit(f"results: cannot read {path}: {err}")
+        raise ValueError(f"results: cannot read {path}: {err}") from err
     for key in ("config", "methods", "traces", "allocations", "sizes"):
         if key not in results:
-            raise SystemExit(f"results: {path} has no '{key}' entry (not a demo results.json)")
+            raise ValueError(f"results: {path} has no '{key}' entry (not a demo results.json)")
     print(f"wrote {write_method_report(results, args.out or path.parent)}")
     return 0

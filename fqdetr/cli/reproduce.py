@@ -8,16 +8,16 @@ def add_parser(subparsers):
                     "(Fisher trace vs PTQ AP drop), then writes OUT/summary.json and OUT/findings.md with mean ± "
                     "std over seeds and an honest verdict per finding. Per-seed results are cached in "
                     "OUT/seed<k>/run.json, so an interrupted run resumes.")
-    from fqdetr.cli._common import DEFAULT_MODEL
+    from fqdetr.cli._common import DATA_HELP, DEFAULT_BUILTIN_DIR, DEFAULT_MODEL, positive_int
 
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="DETR checkpoint (default: the shipped one)")
-    p.add_argument("--data", default="data/builtin", help="built-in dataset folder; generated when missing")
+    p.add_argument("--data", default=DEFAULT_BUILTIN_DIR, help=DATA_HELP)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--critical", default="person", help="critical set (default person)")
-    p.add_argument("--qat-steps", type=int, default=40, help="QAT steps per variant (default 40)")
-    p.add_argument("--fisher-images", type=int, default=48, help="images for Fisher traces (default 48)")
-    p.add_argument("--eval-images", type=int, default=120, help="val / train images evaluated (default 120)")
+    p.add_argument("--qat-steps", type=positive_int, default=40, help="QAT steps per variant (default 40)")
+    p.add_argument("--fisher-images", type=positive_int, default=48, help="images for Fisher traces (default 48)")
+    p.add_argument("--eval-images", type=positive_int, default=120, help="val / train images evaluated (default 120)")
     p.set_defaults(func=run)
 
 

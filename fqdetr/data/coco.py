@@ -73,6 +73,17 @@ def validate_coco_dict(data, where="<dict>"):
             raise ValueError(f"{where}: annotation {a['id']} has bbox {bbox!r}, expected 4 finite numbers [x, y, w, h]")
 
 
+def _warn_degenerate_boxes(annotations, where):
+    """Logs a warning with the counts of boxes of zero or negative width or height: they
+    are no objects (training targets drop them) and usually mean a wrong bbox format."""
+    negative = sum(1 for a in annotations if min(a["bbox"][2], a["bbox"][3]) < 0)
+    zero = sum(1 for a in annotations if min(a["bbox"][2], a["bbox"][3]) == 0)
+    if negative or zero:
+        log.warning("%s: of %d boxes, %d have a zero and %d a negative width or height (expected "
+                    "[x, y, w, h] with w, h > 0); they are dropped from the targets", where,
+                    len(annotations), zero, negative)
+
+
 def load_coco(ann):
     """A pycocotools COCO from a json path or an already loaded dict, validated.
 
@@ -93,6 +104,7 @@ def load_coco(ann):
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{where}: invalid JSON ({err})") from err
     validate_coco_dict(ann, where)
+    _warn_degenerate_boxes(ann["annotations"], where)
     if any("iscrowd" not in a or "area" not in a for a in ann["annotations"]):
         # COCOeval reads both; fill COCO's defaults in copies, leaving the caller's dict alone
         ann = dict(ann, annotations=[dict({"iscrowd": 0, "area": a["bbox"][2] * a["bbox"][3]}, **a)
@@ -102,6 +114,39 @@ def load_coco(ann):
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
+
+
+def _source_name(ann):
+    """How messages name an annotation source (a path, else a loaded dict or COCO)."""
+    return os.fspath(ann) if isinstance(ann, (str, os.PathLike)) else "annotations"
+
+
+def class_names_of(checkpoint):
+    """Class names in label order from a checkpoint dict's ``categories`` and
+    ``label_to_cat_id`` (what ``fqdetr train`` stores); None when it has neither."""
+    categories, label_to_cat_id = checkpoint.get("categories"), checkpoint.get("label_to_cat_id")
+    if categories is None and label_to_cat_id is None:
+        return None
+    by_id = {c["id"]: c["name"] for c in categories or []}
+    unknown = [c for c in label_to_cat_id or [] if c not in by_id]
+    if not label_to_cat_id or unknown:
+        raise ValueError(f"checkpoint: label_to_cat_id {label_to_cat_id} names category ids {unknown} "
+                         f"that its categories {sorted(by_id)} lack")
+    return [by_id[c] for c in label_to_cat_id]
+
+
+def match_categories(cats, class_names, where):
+    """COCO category ids of ``cats`` ({id: category}) in the order of ``class_names``;
+    ValueError naming ``where`` and the differing names when the two sets of names differ."""
+    by_name = {c["name"]: cat_id for cat_id, c in cats.items()}
+    if len(by_name) != len(cats):
+        raise ValueError(f"{where}: category names repeat, so they cannot be matched to a model's classes")
+    missing = [n for n in class_names if n not in by_name]
+    extra = sorted(set(by_name) - set(class_names))
+    if missing or extra:
+        raise ValueError(f"{where}: its categories disagree with the model's {len(class_names)} classes: "
+                         f"missing {missing}, not in the model {extra}")
+    return [by_name[n] for n in class_names]
 
 
 def _to_rgb(img, path):
@@ -179,15 +224,20 @@ class CocoDetection(torch.utils.data.Dataset):
     normalised to the transformed image), "labels" [n] int64 in 0..C-1, "image_id",
     "orig_size" [2] and "size" [2] as (h, w), "iscrowd" [n], "area" [n].
 
+    class_names: a model's classes, label k named class_names[k] (class_names_of a
+    checkpoint): labels follow it, matched to this json's categories by name, so a json
+    that numbers the same categories differently still gives the model's labels.
+    Without it labels follow the sorted category ids.
+
     Attributes: ``coco`` (pycocotools COCO, for evaluation), ``ids`` (image ids in
-    item order), ``cat_ids`` (sorted COCO category ids; label k <-> cat_ids[k]),
+    item order), ``cat_ids`` (COCO category ids in label order; label k <-> cat_ids[k]),
     ``label_to_cat_id`` (list), ``cat_id_to_label`` (dict), ``label_names``,
     ``supercategories`` ({supercategory: [labels]}), ``num_classes``.
     ``transforms(image, target)`` sees a PIL image and absolute xyxy boxes.
     """
 
     def __init__(self, img_folder, ann_file, transforms=None, keep_crowd=False,
-                 image_ids=None, verify_images=False):
+                 image_ids=None, verify_images=False, class_names=None):
         self.img_folder = os.fspath(img_folder)
         if not os.path.isdir(self.img_folder):
             raise FileNotFoundError(f"image folder not found: {self.img_folder}")
@@ -198,7 +248,8 @@ class CocoDetection(torch.utils.data.Dataset):
         unknown = [i for i in self.ids if i not in self.coco.imgs]
         if unknown:
             raise ValueError(f"image_ids not in {ann_file}: {unknown[:5]}")
-        self.cat_ids = sorted(self.coco.cats)
+        self.cat_ids = (sorted(self.coco.cats) if class_names is None
+                        else match_categories(self.coco.cats, class_names, _source_name(ann_file)))
         self.label_to_cat_id = list(self.cat_ids)
         self.cat_id_to_label = {c: k for k, c in enumerate(self.cat_ids)}
         self.label_names = [self.coco.cats[c]["name"] for c in self.cat_ids]
