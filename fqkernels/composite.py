@@ -43,7 +43,7 @@ def fake_quant(x, scale, bits, signed, axis=None, grad_factor=1.0):
     s = scale.to(x.dtype).reshape(shape) if x.dim() else scale.to(x.dtype).reshape(())
     if grad_factor != 1.0:  # same value, gradient scaled by grad_factor
         s = s * grad_factor + (s - s * grad_factor).detach()
-    v = x * (1.0 / s)
+    v = x * (1.0 / s).clamp(max=torch.finfo(torch.float32).max)  # reference.inv_scale, for any dtype
     q = torch.round(v).detach()
     inside = (q >= qmin) & (q <= qmax)
     v_ste = v + (q - v).detach()  # value q; derivatives those of x / s

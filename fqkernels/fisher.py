@@ -30,7 +30,7 @@ class _Reference:
         if grad_weight is not None:
             xs, ds = reference._samples(x, grad_out, batch_dim)
             dt = grad_weight.dtype
-            grad_weight.copy_(ds.reshape(-1, ds.shape[-1]).to(dt).t() @ xs.reshape(-1, xs.shape[-1]).to(dt))
+            grad_weight.copy_(reference.rows(ds).to(dt).t() @ reference.rows(xs).to(dt))
         if sq_norms is not None and sq_norms.numel():
             sq_norms.copy_(reference.per_sample_sq_norms(x, grad_out, batch_dim, sq_norms.dtype))
 

@@ -11,6 +11,7 @@ which differ only in the quant_gemm they pass in:
     backward  dX = STE_a(dY Qw(W))            + grad_a_scale (epilogue, per tensor)
               dW = STE_w(dY^T Qa(x))          + grad_w_scale (epilogue, per row)
 """
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -27,7 +28,7 @@ class Quant:
 
     def __init__(self, scale, bits, signed):
         self.scale = scale.float().contiguous()
-        self.inv = 1.0 / self.scale  # as the reference computes it (torch's correctly rounded division)
+        self.inv = reference.inv_scale(self.scale)  # as the reference computes it
         self.bits, self.signed = bits, signed
         self.qmin, self.qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
@@ -71,14 +72,28 @@ def _same_dtype(*tensors):
     return tuple(t.float() for t in tensors)
 
 
-class QuantLinear:
+class _GemmBackend:
+    """A backend built on one quant_gemm launcher (triton's or cuda's)."""
+
     def __init__(self, quant_gemm):
-        self.quant_gemm = quant_gemm
+        self.launch = quant_gemm
+
+    def quant_gemm(self, a, b, out, qa=None, qb=None, b_scale=SCALE_TENSOR, bias=None, ste=None):
+        """The launcher, except on empty problems, which launch nothing: an empty output has
+        nothing to write, and K = 0 gives out = bias (or 0), whose STE terms are all 0."""
+        if out.numel() and a.shape[2]:
+            return self.launch(a, b, out, qa, qb, b_scale, bias, ste)
+        if out.numel():
+            out.copy_(bias.expand(out.shape) if bias is not None else torch.zeros_like(out))
+        return out
+
+
+class QuantLinear(_GemmBackend):
 
     def forward(self, x, weight, bias, w_scale, a_scale, w_bits, a_bits, a_signed=True):
         dtype = x.dtype
         x, weight = _same_dtype(x, weight)
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        x2 = reference.rows(x).contiguous()
         out = torch.empty(x2.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
         qa = None if a_bits is None else Quant(a_scale, a_bits, a_signed)
         self.quant_gemm(_3d(x2), _3d(weight.t()), _3d(out), qa, Quant(w_scale, w_bits, True), SCALE_PER_N,
@@ -89,8 +104,8 @@ class QuantLinear:
                  a_grad_factor=1.0, fisher=None, batch_dim=0):
         dtypes = x.dtype, weight.dtype
         grad_y, x, weight = _same_dtype(grad_y, x, weight)
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        g = grad_y.reshape(-1, grad_y.shape[-1]).contiguous()
+        x2 = reference.rows(x).contiguous()
+        g = reference.rows(grad_y).contiguous()
         weight = weight.contiguous()
         qa = None if a_bits is None else Quant(a_scale, a_bits, a_signed)
         qw = Quant(w_scale, w_bits, True)
@@ -111,12 +126,10 @@ class QuantLinear:
 
 def _batched(t, batch):
     """t [..., R, C] broadcast to batch + [R, C] and flattened to [Z, R, C] (copies only when broadcast)."""
-    return t.expand(*batch, *t.shape[-2:]).reshape(-1, *t.shape[-2:])
+    return t.expand(*batch, *t.shape[-2:]).reshape(math.prod(batch), *t.shape[-2:])
 
 
-class QuantMatmul:
-    def __init__(self, quant_gemm):
-        self.quant_gemm = quant_gemm
+class QuantMatmul(_GemmBackend):
 
     def forward(self, a, b, a_scale, b_scale, a_bits, b_bits, a_signed=True, b_signed=True):
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])

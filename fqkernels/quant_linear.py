@@ -34,8 +34,9 @@ class _Cpu:
 
     @staticmethod
     def _int_forward(x2, w, bias, w_scale, a_scale, w_bits, a_bits, a_signed):
-        """Exact integer path on 2-D float32 inputs; None where it does not apply."""
-        if w.shape[1] > _ext._cpu.MAX_EXACT_K:
+        """Exact integer path on 2-D float32 inputs; None where it does not apply (K too long for
+        int32 sums, or an empty operand: torch._int_mm wants non-empty ones)."""
+        if w.shape[1] > _ext._cpu.MAX_EXACT_K or not (x2.numel() and w.numel()):
             return None
         x_codes = torch.empty(x2.shape, dtype=torch.int8)
         w_codes_t = torch.empty(w.shape[1], w.shape[0], dtype=torch.int8)
@@ -54,9 +55,9 @@ class _Cpu:
         return y
 
     def forward(self, x, weight, bias, w_scale, a_scale, w_bits, a_bits, a_signed=True):
-        x2, w = f32(x.reshape(-1, x.shape[-1])), f32(weight)
+        x2, w = f32(reference.rows(x)), f32(weight)
         bias = None if bias is None else f32(bias)
-        w_scale = f32(w_scale)
+        w_scale = f32(w_scale).reshape(-1)  # [M] or [M, 1], as the reference takes it
         y = None
         if a_bits is not None:
             a_scale = f32(a_scale).reshape(1)
@@ -68,9 +69,9 @@ class _Cpu:
 
     def backward(self, grad_y, x, weight, w_scale, a_scale, w_bits, a_bits, a_signed=True, w_grad_factor=1.0,
                  a_grad_factor=1.0, fisher=None, batch_dim=0):
-        x2, w = f32(x.reshape(-1, x.shape[-1])), f32(weight)
-        g = f32(grad_y.reshape(-1, grad_y.shape[-1]))
-        w_scale = f32(w_scale)
+        x2, w = f32(reference.rows(x)), f32(weight)
+        g = f32(reference.rows(grad_y))
+        w_scale = f32(w_scale).reshape(-1)
         xq = x2
         if a_bits is not None:
             a_scale = f32(a_scale).reshape(1)
@@ -119,8 +120,9 @@ def quant_linear_backward_op(
     grads = backends.impl("quant_linear", backend).backward(
         grad_y, x, weight, w_scale, a_scale, w_bits, a_bits, a_signed, w_grad_factor, a_grad_factor, fisher,
         batch_dim)
-    grad_a_scale = grads[4] if grads[4] is not None else w_scale.new_empty(0, dtype=torch.float32)
-    return tuple(g.contiguous() for g in (*grads[:4], grad_a_scale))
+    grad_w_scale = grads[3].reshape(w_scale.shape)
+    grad_a_scale = w_scale.new_empty(0, dtype=torch.float32) if a_scale is None else grads[4].reshape(a_scale.shape)
+    return tuple(g.contiguous() for g in (*grads[:3], grad_w_scale, grad_a_scale))
 
 
 @quant_linear_backward_op.register_fake
@@ -150,7 +152,7 @@ class QuantLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, w_scale, a_scale, config, fisher):
         ctx.save_for_backward(x, weight, w_scale, a_scale)
         ctx.config, ctx.fisher, ctx.has_bias = config, fisher, bias is not None
-        return quant_linear_forward_op(x.reshape(-1, x.shape[-1]), weight, bias, w_scale, a_scale, config.w_bits,
+        return quant_linear_forward_op(reference.rows(x), weight, bias, w_scale, a_scale, config.w_bits,
                                        config.a_bits, config.a_signed, config.backend)
 
     @staticmethod

@@ -7,7 +7,7 @@ autograd) so that each backend's backward can be compared term by term.
 Conventions (METHOD.md section 5; torch's ``_fake_quantize_learnable_*`` with zero
 point 0):
 
-    q = round_half_even(x * (1 / s)),   y = clamp(q, qmin, qmax) * s
+    q = round_half_even(x * inv_scale(s)),   y = clamp(q, qmin, qmax) * s
     dy/dx = 1 if qmin <= q <= qmax else 0                       (STE, mask on the code)
     dy/ds = (clamp(q) * s - x) / s inside, qmin below, qmax above (times grad_factor)
 
@@ -23,6 +23,19 @@ def qrange(bits, signed):
     return (-levels // 2, levels // 2 - 1) if signed else (0, levels - 1)
 
 
+def inv_scale(s):
+    """1 / s (float32), at most the largest float32: the reciprocal of a subnormal scale below
+    2^-128 overflows, and 0 * inf would make a NaN code where 0 is exactly code 0 at every
+    scale (csrc/include/fq/quant_math.h, inv_scale)."""
+    return (1.0 / s).clamp(max=torch.finfo(torch.float32).max)
+
+
+def rows(t):
+    """t [*, C] as a 2-D [R, C] view or copy, R the product of the leading dims (also when R or
+    C is 0, where reshape(-1, C) is ambiguous)."""
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
+
+
 def _broadcast_scale(scale, x, axis):
     """scale [C] or [1] -> a float32 view broadcastable against x."""
     scale = scale.float().reshape(-1)
@@ -36,7 +49,7 @@ def _broadcast_scale(scale, x, axis):
 def quant_codes(x, scale, bits, signed, axis=None):
     """Unclamped integer codes round(x / s) as float32 (NaN stays NaN)."""
     s = _broadcast_scale(scale, x, axis)
-    return torch.round(x.float() * (1.0 / s))
+    return torch.round(x.float() * inv_scale(s))
 
 
 def integer_codes(x, scale, bits, signed, axis=None):
@@ -68,7 +81,7 @@ def fake_quant_backward(grad_y, x, scale, bits, signed, axis=None, grad_factor=1
     g = grad_y.float()
     grad_x = torch.where(inside, g, torch.zeros_like(g)).to(x.dtype)
     ds = torch.where(q < qmin, torch.full_like(q, qmin), torch.where(q > qmax, torch.full_like(q, qmax),
-                                                                      (q * s - x.float()) * (1.0 / s)))
+                                                                      (q * s - x.float()) * inv_scale(s)))
     per_element = g * ds * grad_factor
     if axis is None:
         grad_scale = per_element.sum().reshape(scale.shape)
@@ -106,7 +119,7 @@ def quant_linear_backward(grad_y, x, weight, w_scale, a_scale, w_bits, a_bits, a
     wq = fake_quant_forward(weight, w_scale, w_bits, True, axis=0).float()
     g = grad_y.float()
     grad_xq = g @ wq
-    grad_wq = g.reshape(-1, g.shape[-1]).t() @ xq.reshape(-1, xq.shape[-1])
+    grad_wq = rows(g).t() @ rows(xq)
     if a_bits is None:
         grad_x, grad_a_scale = grad_xq, None
     else:
@@ -117,7 +130,7 @@ def quant_linear_backward(grad_y, x, weight, w_scale, a_scale, w_bits, a_bits, a
     if fisher is not None:
         mask = ste_mask(weight, w_scale, w_bits, True, axis=0)
         fisher += mask * per_sample_fisher(xq, g, batch_dim=batch_dim, dtype=fisher.dtype)
-    grad_b = g.reshape(-1, g.shape[-1]).sum(0)
+    grad_b = rows(g).sum(0)
     return (grad_x.to(x.dtype), grad_w.to(weight.dtype), grad_b, grad_w_scale, grad_a_scale)
 
 

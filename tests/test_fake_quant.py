@@ -200,3 +200,24 @@ def test_custom_ops_pass_opcheck():
     backend = fk.backend_for("fake_quant", x)
     torch.library.opcheck(fake_quant_forward_op, (x, s, 4, True, 0, backend))
     torch.library.opcheck(fake_quant_backward_op, (torch.randn(6, 5), x, s, 4, True, 0, 1.0, backend))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if HAS_CPU else []))
+@pytest.mark.parametrize("scale", [1e-40, 1e-45, 5e-39])
+def test_subnormal_scale_keeps_zero_at_code_zero(backend, scale):
+    """1 / scale overflows to inf below 2^-128; 0 * inf must not make a NaN code: 0 stays 0
+    (as it is at every scale), other values saturate or round as usual, no NaN anywhere."""
+    x = torch.tensor([0.0, -0.0, 1.0, -1.0, 3 * scale, -2e-39], requires_grad=True)
+    s = torch.tensor([scale], requires_grad=True)
+    y = fk.fake_quant(x, s, bits=8, backend=backend)
+    y.backward(torch.ones_like(y))
+    assert y[0].item() == 0 and y[1].item() == 0
+    assert not y.isnan().any() and not x.grad.isnan().any() and not s.grad.isnan().any()
+    qmax_value = torch.tensor(127.0) * torch.tensor(scale)
+    assert y[2] == qmax_value  # saturated, as torch's fake quant saturates it
+    if backend != "reference":
+        ref_x, ref_s = x.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
+        ref_y = fk.fake_quant(ref_x, ref_s, bits=8, backend="reference")
+        ref_y.backward(torch.ones_like(ref_y))
+        assert torch.equal(y, ref_y) and torch.equal(x.grad, ref_x.grad)
+        torch.testing.assert_close(s.grad, ref_s.grad)

@@ -228,3 +228,68 @@ def test_cpu_bindings_check_arguments():
     with pytest.raises(ValueError, match="a_bits"):
         _ext._cpu.int_accum_epilogue(_ext.dl(torch.zeros(2, 3, dtype=torch.int32)), _ext.dl(s), _ext.dl(torch.ones(3)),
                                      _ext.dl(torch.zeros(3, dtype=torch.int32)), None, 1, True)
+
+
+# ------------------------------------------------- inputs at the edges of what the reference accepts
+EDGE_BACKENDS = [_backend("cpu"), _backend("triton"), _backend("cuda")]
+
+
+def _grads_of(fn, backend, tensors):
+    dev = device_for(backend)
+    leaves = [t.to(dev).requires_grad_() for t in tensors]
+    y = fn(*leaves, backend=backend)
+    y.backward(torch.arange(y.numel(), dtype=y.dtype, device=dev).reshape(y.shape) % 3 - 1)
+    return [y.detach().cpu()] + [None if t.grad is None else t.grad.cpu() for t in leaves]
+
+
+def _assert_same_as_reference(fn, backend, tensors):
+    got, want = _grads_of(fn, backend, tensors), _grads_of(fn, "reference", tensors)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if w is not None:
+            assert g.shape == w.shape
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+@pytest.mark.parametrize("rows,K,M", [(3, 0, 4), (3, 5, 0), (0, 5, 4)])
+@pytest.mark.parametrize("a_bits", [8, None])
+def test_quant_linear_empty_dimensions(backend, rows, K, M, a_bits):
+    def fn(x, w, b, ws, a_s, backend):
+        return fk.quant_linear(x, w, b, ws, a_s if a_bits else None, 4, a_bits, backend=backend)
+    tensors = [torch.randn(2, rows, K), torch.randn(M, K), torch.randn(M), torch.rand(M) + 0.1, torch.tensor([0.1])]
+    _assert_same_as_reference(fn, backend, tensors)
+    if K == 0 and M:  # an empty sum: the output is the bias
+        y = _grads_of(fn, backend, tensors)[0]
+        assert torch.equal(y, tensors[2].expand(2, rows, M))
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+@pytest.mark.parametrize("M,K,N", [(3, 0, 4), (3, 5, 0), (0, 5, 4)])
+def test_quant_matmul_empty_dimensions(backend, M, K, N):
+    def fn(a, b, sa, sb, backend):
+        return fk.quant_matmul(a, b, sa, sb, 8, 4, backend=backend)
+    _assert_same_as_reference(fn, backend, [torch.randn(2, M, K), torch.randn(2, K, N), torch.tensor([0.1]),
+                                            torch.tensor([0.2])])
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+@pytest.mark.parametrize("a_bits", [8, None])
+def test_weight_scales_as_a_column(backend, a_bits):
+    """[M, 1] weight scales (what a per-row amax keepdim gives): the gradient keeps that shape."""
+    def fn(x, w, ws, backend):
+        return fk.quant_linear(x, w, None, ws, 0.05, 4, a_bits, backend=backend)
+    _assert_same_as_reference(fn, backend, [torch.randn(3, 6), torch.randn(5, 6), torch.rand(5, 1) * 0.2 + 0.05])
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+def test_subnormal_scales_agree_with_reference(backend):
+    """Scales whose reciprocal overflows (fake_quant's test_subnormal_scale_keeps_zero_at_code_zero):
+    zeros in x and W stay code 0 on the integer path too, and nothing turns NaN."""
+    def fn(x, w, ws, a_s, backend):
+        return fk.quant_linear(x, w, None, ws, a_s, 4, 8, backend=backend)
+    x, w = torch.randn(3, 6), torch.randn(5, 6)
+    x[:, ::2], w[::2] = 0.0, 0.0
+    tensors = [x, w, torch.full((5,), 1e-40), torch.tensor([1e-41])]
+    _assert_same_as_reference(fn, backend, tensors)
+    assert not any(t.isnan().any() for t in _grads_of(fn, backend, tensors))

@@ -27,7 +27,7 @@ inline void store(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
 
 template <typename T>
 FQ_MULTIVERSION void forward_segment(const T* x, T* y, int64_t n, float s, QRange r) {
-  const float inv = 1.0f / s;
+  const float inv = inv_scale(s);
   for (int64_t i = 0; i < n; ++i) store(y, i, fake_quant_value(load(x, i), s, inv, r));
 }
 
@@ -35,7 +35,7 @@ FQ_MULTIVERSION void forward_segment(const T* x, T* y, int64_t n, float s, QRang
 // 16k-element segment; segments are combined in double).
 template <typename T>
 FQ_MULTIVERSION float backward_segment(const T* dy, const T* x, T* dx, int64_t n, float s, QRange r) {
-  const float inv = 1.0f / s;
+  const float inv = inv_scale(s);
   float acc = 0.0f;
   for (int64_t i = 0; i < n; ++i) {
     const float xi = load(x, i), gi = load(dy, i);

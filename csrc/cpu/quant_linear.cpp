@@ -53,7 +53,7 @@ FQ_MULTIVERSION void epilogue_row(unsigned char* row, const double* base, const 
 }  // namespace
 
 bool quantize_act_codes(const float* x, int8_t* codes, int64_t n, float scale, QRange r) {
-  const float inv = 1.0f / scale;
+  const float inv = inv_scale(scale);
   const float offset = static_cast<float>(int8_code_offset(r));
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   int nan_seen = 0;
@@ -78,8 +78,8 @@ bool quantize_weight_codes_t(const float* w, const float* scale, int8_t* codes_t
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t r0 = b * kRowBlock, nr = std::min(kRowBlock, rows - r0);
       for (int64_t j = 0; j < nr; ++j)
-        nan_seen |= codes_segment(w + (r0 + j) * cols, tile.data() + j * cols, cols, 1.0f / scale[r0 + j], r,
-                                  0.0f, row_sums + r0 + j);
+        nan_seen |= codes_segment(w + (r0 + j) * cols, tile.data() + j * cols, cols, inv_scale(scale[r0 + j]),
+                                  r, 0.0f, row_sums + r0 + j);
       for (int64_t k = 0; k < cols; ++k)
         for (int64_t j = 0; j < nr; ++j) codes_t[k * rows + r0 + j] = tile[j * cols + k];
     }

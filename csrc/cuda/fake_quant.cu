@@ -37,7 +37,7 @@ __global__ void forward_kernel(const T* __restrict__ x, const float* __restrict_
                                int64_t total, int64_t channels, int64_t inner, QRange r) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
     const float s = scale[(i / inner) % channels];
-    y[i] = from_f<T>(fake_quant_value(to_f(x[i]), s, 1.0f / s, r));
+    y[i] = from_f<T>(fake_quant_value(to_f(x[i]), s, inv_scale(s), r));
   }
 }
 
@@ -50,7 +50,7 @@ __global__ void backward_kernel(const T* __restrict__ dy, const T* __restrict__ 
   __shared__ float warp_sums[32];
   const int64_t row = row0 + blockIdx.y;
   const int64_t c = row % channels;
-  const float s = scale[c], inv = 1.0f / s;
+  const float s = scale[c], inv = inv_scale(s);
   float acc = 0.0f;
   for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < inner; j += (int64_t)gridDim.x * blockDim.x) {
     const int64_t i = row * inner + j;

@@ -30,7 +30,7 @@ template <> __device__ __forceinline__ float load_f(const __half* p, int64_t i) 
 template <bool INT8>
 __device__ __forceinline__ float prologue(float v, const QuantOperand& q, float s) {
   if (!q.quantized) return v;
-  const float code = clamp_code(quant_code(v, 1.0f / s), q.range);
+  const float code = clamp_code(quant_code(v, inv_scale(s)), q.range);
   return INT8 ? code : code * s;
 }
 
@@ -126,7 +126,7 @@ __device__ void epilogue(const QuantGemmArgs& p, int64_t z, int64_t m0, int64_t 
       if (INT8) y = nan_rows[r] || nan_cols[c] ? __int_as_float(0x7fc00000) : y * (p.qa.scale[0] * b_scale(p, 0, n));
       if (p.bias) y += p.bias[n];
       if (e) {
-        const float x = load_f(e, off), s = p.qe.scale[p.e_per_row ? m : 0], inv = 1.0f / s;
+        const float x = load_f(e, off), s = p.qe.scale[p.e_per_row ? m : 0], inv = inv_scale(s);
         const float q = quant_code(x, inv);
         part = y * lsq_scale_grad(x, q, s, inv, p.qe.range);
         y = code_in_range(q, p.qe.range) ? y : 0.0f;

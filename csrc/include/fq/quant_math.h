@@ -4,13 +4,14 @@
 // exactly the arithmetic the GPU runs. Conventions follow torch's
 // _fake_quantize_learnable_per_channel_affine with zero point 0, so torch can
 // serve as an oracle:
-//   code   q  = round_half_even(x * inv_scale)            (inv_scale = 1.0f / scale)
+//   code   q  = round_half_even(x * inv_scale)            (inv_scale = 1.0f / scale, see inv_scale)
 //   value  y  = clamp(q, qmin, qmax) * scale
 //   STE    dx = dy  if qmin <= q <= qmax  else 0            (mask on the rounded code)
 //   LSQ    ds = dy * (clamp(q)*scale - x) * inv_scale  inside the range,
 //          ds = dy * qmin (below) or dy * qmax (above) outside.
 #pragma once
 
+#include <cfloat>
 #include <cstdint>
 #include <cstring>
 #include <cmath>
@@ -57,6 +58,14 @@ FQ_HD float mul_rn(float a, float b) {
 #else
   return a * b;
 #endif
+}
+
+// 1 / scale, at most FLT_MAX: the reciprocal of a subnormal scale below 2^-128 overflows,
+// and 0 * inf would give a NaN code where 0 is exactly code 0 at every scale. Larger
+// |x| still saturate. Matches reference.inv_scale.
+FQ_HD float inv_scale(float scale) {
+  const float inv = 1.0f / scale;
+  return inv < FLT_MAX ? inv : FLT_MAX;
 }
 
 // The unclamped integer code of x (as a float; NaN for NaN input).
