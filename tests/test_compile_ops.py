@@ -2,6 +2,10 @@
 and backward match eager on contiguous and non-contiguous inputs, the scale value check
 survives compilation as a runtime assert, and outputs can be edited in place like
 nn.Linear's. Shapes are small: every test pays one inductor compile."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
 import pytest
 import torch
 
@@ -104,28 +108,23 @@ def _box_head(linear, x, ref):
     return out.sigmoid()
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_quant_linear_output_can_be_edited_in_place(backend):
     if backend not in fk.available_backends():
         pytest.skip(f"backend {backend!r} unavailable")
     x, w, ws = torch.randn(2, 5, 8), torch.randn(4, 8), torch.rand(4) * 0.1 + 0.05
     ref_points = torch.randn(2, 5, 2)
-    grads = {}
-    for name in (backend, "reference_clone"):
+    grads = []
+    for name in (backend, "reference"):
         xl, wl, wsl, rl = _leaves(x, w, ws, ref_points)
-
-        def linear(t):
-            y = fk.quant_linear(t, wl, None, wsl, 0.05, w_bits=4, a_bits=8,
-                                backend="reference" if name == "reference_clone" else backend)
-            # The comparison run edits a copy: what autograd computes without the in-place edit.
-            return y.clone() if name == "reference_clone" else y
-        _box_head(linear, xl, rl).sum().backward()
-        grads[name] = (xl.grad, wl.grad, wsl.grad, rl.grad)
-    for got, want in zip(grads[backend], grads["reference_clone"]):
+        _box_head(lambda t: fk.quant_linear(t, wl, None, wsl, 0.05, w_bits=4, a_bits=8, backend=name), xl,
+                  rl).sum().backward()
+        grads.append((xl.grad, wl.grad, wsl.grad, rl.grad))
+    for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_quant_linear_module_output_can_be_edited_in_place():
+def test_quant_linear_module_output_can_be_edited_in_place(monkeypatch):
     from fqdetr.quant.modules import QuantLinear
 
     layer = QuantLinear.from_float(torch.nn.Linear(8, 4))
@@ -133,14 +132,12 @@ def test_quant_linear_module_output_can_be_edited_in_place():
     with torch.no_grad():
         layer(x)  # quantizers that initialise their scales from the first batch do it here
     grads = []
-    for edit_copy in (False, True):
+    for backend in (fk.backend_for("quant_linear", x), "reference"):
+        monkeypatch.setenv("FQ_BACKEND", backend)
         layer.zero_grad()
         xl, rl = _leaves(x, ref_points)
-        out = layer(xl)
-        out = out.clone() if edit_copy else out
-        out[..., :2] += rl
-        out.sigmoid().sum().backward()
+        _box_head(layer, xl, rl).sum().backward()
         grads.append([xl.grad, rl.grad] + [p.grad.clone() for p in layer.parameters() if p.grad is not None])
     assert len(grads[0]) == len(grads[1]) > 2
     for got, want in zip(*grads):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
