@@ -32,6 +32,20 @@ def _per_image_sum(values: Tensor, batch_idx: Tensor, batch_size: int) -> Tensor
     return values.new_zeros(batch_size).index_add(0, batch_idx.to(values.device), values)
 
 
+@torch.no_grad()
+def class_error(logits: Tensor, matched, target_o: Tensor, per_image: bool) -> Tensor:
+    """Top-1 error (%) of the matched queries: logits [B, Q, C'], matched = (batch index
+    [N], query index [N]), target_o [N] -> scalar, or [B] adding up to it per image."""
+    batch_idx, src_idx = matched
+    bsz = logits.shape[0]
+    wrong = (logits[batch_idx, src_idx].argmax(-1) != target_o).float()
+    n = max(len(target_o), 1)
+    if per_image:
+        err = _per_image_sum(wrong, batch_idx, bsz) * (100.0 / n)
+        return err if len(target_o) else torch.full_like(err, 100.0 / bsz)
+    return wrong.sum() * (100.0 / n) if len(target_o) else wrong.new_tensor(100.0)
+
+
 class SetCriterion(nn.Module):
     """DETR's loss: Hungarian matching, then class CE (no-object weighted by
     ``eos_coef``), L1 and GIoU box losses on matched pairs, and the cardinality error
@@ -59,7 +73,6 @@ class SetCriterion(nn.Module):
                     log: bool = True) -> Dict[str, Tensor]:
         """Weighted CE over all queries: sum_{b,q} w_t nll_{b,q} / sum_{b,q} w_t."""
         logits = outputs["pred_logits"]  # [B, Q, C+1]
-        bsz = logits.shape[0]
         batch_idx, src_idx = _src_permutation_idx(indices)
         target_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
         target = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
@@ -72,16 +85,8 @@ class SetCriterion(nn.Module):
         else:
             loss_ce = F.cross_entropy(logits.transpose(1, 2), target, weight)
         losses = {"loss_ce": loss_ce}
-        if log:  # top-1 error (%) on matched queries; additive over images in per-image mode
-            with torch.no_grad():
-                wrong = (logits[batch_idx, src_idx].argmax(-1) != target_o).float()
-                n = max(len(target_o), 1)
-                if per_image:
-                    err = _per_image_sum(wrong, batch_idx, bsz) * (100.0 / n)
-                    losses["class_error"] = err if len(target_o) else torch.full_like(err, 100.0 / bsz)
-                else:
-                    losses["class_error"] = (wrong.sum() * (100.0 / n) if len(target_o)
-                                             else wrong.new_tensor(100.0))
+        if log:
+            losses["class_error"] = class_error(logits, (batch_idx, src_idx), target_o, per_image)
         return losses
 
     @torch.no_grad()

@@ -26,19 +26,25 @@ class HungarianMatcher(nn.Module):
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
 
-    @torch.no_grad()
-    def cost_matrices(self, outputs: Dict[str, Tensor], targets: Sequence[Dict[str, Tensor]]) -> List[Tensor]:
-        """-> list over images of cost matrices [Q, n_i] (fp32, on CPU)."""
-        bs, nq = outputs["pred_boxes"].shape[:2]
+    def class_costs(self, outputs: Dict[str, Tensor]) -> Tensor:
+        """-> [B*Q, C'] fp32 cost of giving each query each class: -probability (a subclass
+        may score classes differently, e.g. with a focal cost)."""
         if "pred_probs" in outputs:
             prob = outputs["pred_probs"].flatten(0, 1)
         else:
             prob = outputs["pred_logits"].flatten(0, 1).softmax(-1)
+        return -prob.float()
+
+    @torch.no_grad()
+    def cost_matrices(self, outputs: Dict[str, Tensor], targets: Sequence[Dict[str, Tensor]]) -> List[Tensor]:
+        """-> list over images of cost matrices [Q, n_i] (fp32, on CPU)."""
+        bs, nq = outputs["pred_boxes"].shape[:2]
+        class_costs = self.class_costs(outputs)                       # [B*Q, C']
         boxes = outputs["pred_boxes"].flatten(0, 1).float()          # [B*Q, 4]
-        tgt_ids = torch.cat([t["labels"] for t in targets]).to(prob.device).long()
+        tgt_ids = torch.cat([t["labels"] for t in targets]).to(class_costs.device).long()
         tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(boxes.device).float()  # [N, 4]
         # The whole batch in one matrix [B*Q, N] (cheap), then split per image.
-        cost_class = -prob.float()[:, tgt_ids]
+        cost_class = class_costs[:, tgt_ids]
         cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
         c = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou

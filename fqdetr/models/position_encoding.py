@@ -14,11 +14,12 @@ class PositionEmbeddingSine(nn.Module):
     Coordinates are cumulative counts of valid (non-padding) pixels, so padding does not
     shift the encoding of real pixels; with ``normalize`` they are rescaled to
     (0, scale] per image, making the encoding independent of image size.
-    Output channels: num_pos_feats for y, then num_pos_feats for x.
+    Output channels: num_pos_feats for y, then num_pos_feats for x. ``offset`` is
+    subtracted from the counts before normalising (Deformable DETR uses 0.5: pixel centres).
     """
 
     def __init__(self, num_pos_feats: int = 128, temperature: float = 10000.0,
-                 normalize: bool = True, scale: Optional[float] = None):
+                 normalize: bool = True, scale: Optional[float] = None, offset: float = 0.0):
         super().__init__()
         if scale is not None and not normalize:
             raise ValueError("scale is only used with normalize=True")
@@ -26,6 +27,7 @@ class PositionEmbeddingSine(nn.Module):
         self.temperature = temperature
         self.normalize = normalize
         self.scale = 2 * math.pi if scale is None else scale
+        self.offset = offset
 
     def forward(self, x: NestedTensor) -> Tensor:
         """x.mask [B, h, w] (True on padding) -> pos [B, 2*num_pos_feats, h, w] (fp32)."""
@@ -34,8 +36,8 @@ class PositionEmbeddingSine(nn.Module):
         x_embed = not_mask.cumsum(2, dtype=torch.float32)
         if self.normalize:
             eps = 1e-6  # an all-padding row/column would otherwise divide by zero
-            y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
-            x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
+            y_embed = (y_embed - self.offset) / (y_embed[:, -1:, :] + eps) * self.scale
+            x_embed = (x_embed - self.offset) / (x_embed[:, :, -1:] + eps) * self.scale
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=x.mask.device)
         dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
         pos_x = x_embed[:, :, :, None] / dim_t

@@ -1,0 +1,75 @@
+"""Multi-scale ResNet features for Deformable DETR, reusing DETR's ResNet and encoding.
+
+The ResNet is DETR's ``Backbone`` (same ``backbone.0.body.*`` names, frozen BN, same
+trainable stages); this module only returns the outputs of ``layer2..layer4`` (strides
+8, 16, 32) instead of ``layer4`` alone, each with its padding mask and sine encoding,
+as the official Deformable DETR does with ``return_interm_layers``.
+"""
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..backbone import DETR_TRAINABLE_LAYERS, Backbone
+from ..misc import NestedTensor
+from ..position_encoding import PositionEmbeddingSine
+
+_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+class MultiScaleBackbone(Backbone):
+    """ResNet returning ``return_layers`` (a suffix of layer2..layer4, or layer4 alone)."""
+
+    def __init__(self, name: str = "resnet50", train_backbone: bool = True, dilation: bool = False,
+                 width: int = 64, norm: str = "frozen", trainable_layers: Sequence[str] = DETR_TRAINABLE_LAYERS,
+                 return_layers: Sequence[str] = ("layer2", "layer3", "layer4")):
+        super().__init__(name, train_backbone=train_backbone, dilation=dilation, width=width, norm=norm,
+                         trainable_layers=trainable_layers)
+        unknown = [layer for layer in return_layers if layer not in _STAGES[1:]]
+        if unknown or not return_layers:
+            raise ValueError(f"return_layers must be drawn from {_STAGES[1:]}, got {list(return_layers)}")
+        self.return_layers = tuple(sorted(return_layers))
+        expansion = self.body.block.expansion
+        self.num_channels = [width * 2 ** _STAGES.index(layer) * expansion for layer in self.return_layers]
+        strides = {"layer2": 8, "layer3": 16, "layer4": 16 if dilation else 32}
+        self.strides = [strides[layer] for layer in self.return_layers]
+
+    def forward(self, samples: NestedTensor) -> List[NestedTensor]:
+        """tensors [B, 3, H, W], mask [B, H, W] -> per returned stage NestedTensor
+        (features [B, C_l, h_l, w_l], mask [B, h_l, w_l])."""
+        body = self.body
+        x = body.maxpool(body.relu(body.bn1(body.conv1(samples.tensors))))
+        out = []
+        for stage in _STAGES[:_STAGES.index(self.return_layers[-1]) + 1]:
+            x = getattr(body, stage)(x)
+            if stage in self.return_layers:
+                mask = F.interpolate(samples.mask[None].float(), size=x.shape[-2:])[0].to(torch.bool)
+                out.append(NestedTensor(x, mask))
+        return out
+
+
+class MultiScaleJoiner(nn.Sequential):
+    """``backbone.0`` = MultiScaleBackbone, ``backbone.1`` = sine encoding (no parameters)."""
+
+    def __init__(self, backbone: MultiScaleBackbone, position_embedding: nn.Module):
+        super().__init__(backbone, position_embedding)
+        self.num_channels = backbone.num_channels
+        self.strides = backbone.strides
+
+    def forward(self, samples: NestedTensor) -> Tuple[List[NestedTensor], List[Tensor]]:
+        """-> (features per level, position encodings per level [B, d, h_l, w_l])."""
+        feats = self[0](samples)
+        return feats, [self[1](f).to(f.tensors.dtype) for f in feats]
+
+
+def build_multiscale_backbone(name: str = "resnet50", hidden_dim: int = 256, train_backbone: bool = True,
+                              dilation: bool = False, width: int = 64, norm: str = "frozen",
+                              trainable_layers: Sequence[str] = DETR_TRAINABLE_LAYERS,
+                              multi_scale: bool = True) -> MultiScaleJoiner:
+    """ResNet returning layer2..4 (``multi_scale``) or layer4 only, plus Deformable DETR's
+    sine encoding (pixel centres: offset 0.5) with hidden_dim // 2 features per axis."""
+    layers = ("layer2", "layer3", "layer4") if multi_scale else ("layer4",)
+    body = MultiScaleBackbone(name, train_backbone=train_backbone, dilation=dilation, width=width,
+                              norm=norm, trainable_layers=trainable_layers, return_layers=layers)
+    return MultiScaleJoiner(body, PositionEmbeddingSine(hidden_dim // 2, normalize=True, offset=0.5))
