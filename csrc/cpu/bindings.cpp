@@ -8,6 +8,7 @@
 #include "fake_quant.h"
 #include "fisher.h"
 #include "quant_linear.h"
+#include "fq/fisher_binding.h"
 #include "fq/tensor_arg.h"
 
 namespace py = pybind11;
@@ -130,59 +131,12 @@ void int_accum_epilogue(py::object acc_, py::object a_scale_, py::object w_scale
 // ---- per_sample_fisher: squared per-sample weight gradients (and dW) in one pass ----
 namespace {
 
-// A 2-D [N, F] or 3-D input seen as [N, T, F] through its element strides (no copy):
-// T = 1 for 2-D inputs; batch_dim = 1 reads a sequence-first [T, N, F] tensor.
-struct SampleView {
-  int64_t n, t, f, s_n, s_t, s_f;
-};
-
-SampleView sample_view(const TensorArg& a, int64_t batch_dim) {
-  if (a.dim() == 2) return {a.shape[0], 1, a.shape[1], a.strides[0], 0, a.strides[1]};
-  const int64_t b = batch_dim, s = 1 - batch_dim;
-  return {a.shape[b], a.shape[s], a.shape[2], a.strides[b], a.strides[s], a.strides[2]};
-}
-
-TensorArg strided_cpu_input(const py::object& obj, const char* name) {
-  TensorArg a = fq::tensor_arg(obj, name);
-  fq::require_device(a, kDLCPU);
-  fq::require_dtype(a, {DType::f32, DType::bf16});
-  if (a.dim() != 2 && a.dim() != 3)
-    throw py::value_error(std::string(name) + ": expected 2 or 3 dimensions, got shape " + a.shape_str());
-  return a;
-}
-
-// Optional float32/float64 output of the given shape; returns nullptr for None.
-void* optional_output(const py::object& obj, const char* name, const std::vector<int64_t>& shape, bool* f64) {
-  if (obj.is_none()) return nullptr;
-  TensorArg a = cpu_tensor(obj, name, {DType::f32, DType::f64});
-  fq::require_shape(a, shape);
-  *f64 = a.dtype == DType::f64;
-  return a.data;
-}
-
 void per_sample_fisher(py::object x_, py::object grad_out_, py::object fisher_, py::object grad_weight_,
                        py::object sq_norms_, int64_t batch_dim, bool accumulate_fisher, bool accumulate_grad_weight) {
-  TensorArg x = strided_cpu_input(x_, "x");
-  TensorArg d = strided_cpu_input(grad_out_, "grad_out");
-  fq::require_same_dtype(x, d);
-  if (batch_dim != 0 && !(batch_dim == 1 && x.dim() == 3))
-    throw py::value_error("batch_dim: expected 0 (or 1 for a 3-D [T, N, K] input), got " + std::to_string(batch_dim));
-  if (d.dim() != x.dim() || !std::equal(x.shape.begin(), x.shape.end() - 1, d.shape.begin()))
-    throw py::value_error("grad_out: expected the leading dimensions of x " + x.shape_str() + ", got shape " +
-                          d.shape_str());
-  const SampleView xv = sample_view(x, batch_dim), dv = sample_view(d, batch_dim);
-  fq::cpu::FisherArgs a{};
-  a.x = x.data;
-  a.d = d.data;
-  a.bf16 = x.dtype == DType::bf16;
-  a.n = xv.n, a.t = xv.t, a.k = xv.f, a.m = dv.f;
-  a.xs_n = xv.s_n, a.xs_t = xv.s_t, a.xs_k = xv.s_f;
-  a.ds_n = dv.s_n, a.ds_t = dv.s_t, a.ds_m = dv.s_f;
-  a.fisher = optional_output(fisher_, "fisher", {a.m, a.k}, &a.fisher_f64);
-  a.grad_weight = optional_output(grad_weight_, "grad_weight", {a.m, a.k}, &a.grad_f64);
-  a.sq_norms = optional_output(sq_norms_, "sq_norms", {a.n}, &a.sq_f64);
-  a.fisher_accumulate = accumulate_fisher;
-  a.grad_accumulate = accumulate_grad_weight;
+  int device_id = 0;
+  const fq::FisherArgs a = fq::parse_fisher_args(x_, grad_out_, fisher_, grad_weight_, sq_norms_, batch_dim,
+                                                 accumulate_fisher, accumulate_grad_weight, kDLCPU,
+                                                 {DType::f32, DType::bf16}, &device_id);
   py::gil_scoped_release nogil;
   fq::cpu::per_sample_fisher(a);
 }

@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "fq/multiversion.h"
+
 namespace fq::cpu {
 namespace {
 
@@ -18,12 +20,6 @@ inline float load(const float* p, int64_t i) { return p[i]; }
 inline float load(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
 inline void store(float* p, int64_t i, float v) { p[i] = v; }
 inline void store(uint16_t* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FQ_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FQ_MULTIVERSION
-#endif
 
 template <typename T>
 FQ_MULTIVERSION void forward_segment(const T* x, T* y, int64_t n, float s, QRange r) {

@@ -29,6 +29,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "fq/multiversion.h"
 #include "fq/quant_math.h"
 
 namespace fq::cpu {
@@ -40,12 +41,6 @@ constexpr int64_t kMb = 256;  // largest block of m: its packed D chunk (kTc x k
 constexpr int64_t kKb = 512;  // largest block of k: with G (kMb x kKb) and the X chunk, ~0.9 MiB of L2
 constexpr int64_t kTc = 128;  // packed rows per chunk: an X micro-panel (kTc x NR, 16 KiB) stays in L1
 constexpr int64_t kSampleChunk = 1024;  // T == 1: samples summed in float before each store
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FQ_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FQ_MULTIVERSION
-#endif
 
 // Where a finished full MR x NR tile of G goes when the microkernel writes it out itself
 // (float32 outputs, last chunk of a sample): fisher (+)= G^2, grad (+)= G, *sq += ||G||^2,

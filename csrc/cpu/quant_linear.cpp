@@ -8,14 +8,10 @@
 #include <cstring>
 #include <vector>
 
+#include "fq/multiversion.h"
+
 namespace fq::cpu {
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FQ_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FQ_MULTIVERSION
-#endif
 
 constexpr int64_t kChunk = 1 << 14;  // activation elements per OpenMP work item
 constexpr int64_t kRowBlock = 16;    // weight rows transposed together

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <optional>
 
+#include "fq/fisher_binding.h"
 #include "fq/tensor_arg.h"
 #include "kernels.h"
 
@@ -19,11 +20,6 @@ namespace {
 
 TensorArg cuda_tensor(const py::object& obj, const char* name, std::initializer_list<DType> dtypes) {
   return fq::checked_tensor(obj, name, kDLCUDA, dtypes);
-}
-
-void require_same_device(const TensorArg& a, const TensorArg& b) {
-  if (a.device_id != b.device_id)
-    throw py::value_error(std::string(b.name) + ": expected the CUDA device of " + a.name);
 }
 
 int dtype_code(DType d) { return d == DType::f32 ? 0 : (d == DType::bf16 ? 1 : 2); }
@@ -41,8 +37,8 @@ void fake_quant_forward(py::object x_, py::object scale_, py::object out_, int b
   const fq::cuda::DeviceGuard guard(x.device_id);
   TensorArg scale = cuda_tensor(scale_, "scale", {DType::f32});
   TensorArg out = cuda_tensor(out_, "out", kFloat);
-  require_same_device(x, scale);
-  require_same_device(x, out);
+  fq::require_same_device(x, scale);
+  fq::require_same_device(x, out);
   fq::require_same_dtype(x, out);
   fq::require_shape(out, x.shape);
   const auto l = fq::channel_layout(x, scale, axis.value_or(-1));
@@ -61,7 +57,7 @@ void fake_quant_backward(py::object grad_y_, py::object x_, py::object scale_, p
   TensorArg grad_x = cuda_tensor(grad_x_, "grad_x", kFloat);
   TensorArg scale = cuda_tensor(scale_, "scale", {DType::f32});
   TensorArg grad_scale = cuda_tensor(grad_scale_, "grad_scale", {DType::f32});
-  for (const TensorArg* t : {&grad_y, &grad_x, &scale, &grad_scale}) require_same_device(x, *t);
+  for (const TensorArg* t : {&grad_y, &grad_x, &scale, &grad_scale}) fq::require_same_device(x, *t);
   fq::require_same_dtype(x, grad_y);
   fq::require_same_dtype(x, grad_x);
   fq::require_shape(grad_y, x.shape);
@@ -93,7 +89,7 @@ fq::cuda::QuantOperand quant_operand(bool quantized, const py::object& scale_, c
                                      bool is_signed, const TensorArg& like, std::initializer_list<int64_t> numels) {
   fq::require_bits(bits, name);
   TensorArg scale = cuda_tensor(scale_, name, {DType::f32});
-  require_same_device(like, scale);
+  fq::require_same_device(like, scale);
   bool ok = false;
   for (int64_t n : numels) ok = ok || scale.numel() == n;
   if (!ok) throw py::value_error(std::string(name) + ": unexpected number of elements, got " + scale.shape_str());
@@ -108,7 +104,7 @@ void quant_gemm(py::object a_, py::object b_, py::object out_, bool quant_a, py:
   TensorArg a = cuda_strided(a_, "a", kFloat, 3), b = cuda_strided(b_, "b", kFloat, 3);
   const fq::cuda::DeviceGuard guard(a.device_id);
   TensorArg out = cuda_strided(out_, "out", {DType::f32}, 3);
-  for (const TensorArg* t : {&b, &out}) require_same_device(a, *t);
+  for (const TensorArg* t : {&b, &out}) fq::require_same_device(a, *t);
   fq::require_same_dtype(a, b);
   const int64_t Z = a.shape[0], M = a.shape[1], K = a.shape[2], N = b.shape[2];
   fq::require_shape(b, {Z, K, N});
@@ -125,13 +121,13 @@ void quant_gemm(py::object a_, py::object b_, py::object out_, bool quant_a, py:
                           "K < 2^17");
   if (bias_ && !bias_->is_none()) {
     TensorArg bias = cuda_tensor(*bias_, "bias", {DType::f32});
-    require_same_device(a, bias);
+    fq::require_same_device(a, bias);
     fq::require_shape(bias, {N});
     p.bias = bias.ptr<float>();
   }
   if (e_ && !e_->is_none()) {
     TensorArg e = cuda_strided(*e_, "e", kFloat, 3);
-    require_same_device(a, e);
+    fq::require_same_device(a, e);
     fq::require_same_dtype(a, e);
     fq::require_shape(e, out.shape);
     for (int i = 0; i < 3; ++i)  // a size-1 dimension is only ever indexed at 0: its stride is free
@@ -141,7 +137,7 @@ void quant_gemm(py::object a_, py::object b_, py::object out_, bool quant_a, py:
     p.qe = quant_operand(true, e_scale_, "e_scale", e_bits, e_signed, a, {e_per_row ? M : 1});
     if (!grad_scale_ || grad_scale_->is_none()) throw py::value_error("grad_scale: required with e");
     TensorArg gs = cuda_tensor(*grad_scale_, "grad_scale", {DType::f32});
-    require_same_device(a, gs);
+    fq::require_same_device(a, gs);
     fq::require_shape(gs, {e_per_row ? M : 1});
     p.grad_scale = gs.ptr<float>();
   }
@@ -153,60 +149,15 @@ void quant_gemm(py::object a_, py::object b_, py::object out_, bool quant_a, py:
 // ---- per_sample_fisher: squared per-sample weight gradients (and dW) in one pass ----
 namespace {
 
-TensorArg fisher_input(const py::object& obj, const char* name) {
-  TensorArg a = fq::tensor_arg(obj, name);
-  fq::require_device(a, kDLCUDA);
-  fq::require_dtype(a, {DType::f32});
-  if (a.dim() != 2 && a.dim() != 3)
-    throw py::value_error(std::string(name) + ": expected 2 or 3 dimensions, got shape " + a.shape_str());
-  return a;
-}
-
-// [N, T, F] element strides of a 2-D (T = 1) or 3-D input (batch_dim 1: [T, N, F]).
-void fisher_view(const TensorArg& a, int64_t batch_dim, int64_t* n, int64_t* t, int64_t* f, int64_t* s_n,
-                 int64_t* s_t, int64_t* s_f) {
-  if (a.dim() == 2) {
-    *n = a.shape[0], *t = 1, *f = a.shape[1], *s_n = a.strides[0], *s_t = 0, *s_f = a.strides[1];
-    return;
-  }
-  const int64_t b = batch_dim, s = 1 - batch_dim;
-  *n = a.shape[b], *t = a.shape[s], *f = a.shape[2], *s_n = a.strides[b], *s_t = a.strides[s], *s_f = a.strides[2];
-}
-
-void* fisher_output(const py::object& obj, const char* name, const TensorArg& x, const std::vector<int64_t>& shape,
-                    bool* f64) {
-  if (obj.is_none()) return nullptr;
-  TensorArg a = cuda_tensor(obj, name, {DType::f32, DType::f64});
-  require_same_device(x, a);
-  fq::require_shape(a, shape);
-  *f64 = a.dtype == DType::f64;
-  return a.data;
-}
-
 void per_sample_fisher(py::object x_, py::object grad_out_, py::object fisher_, py::object grad_weight_,
                        py::object sq_norms_, int64_t batch_dim, bool accumulate_fisher, bool accumulate_grad_weight,
                        uintptr_t stream) {
-  TensorArg x = fisher_input(x_, "x");
-  const fq::cuda::DeviceGuard guard(x.device_id);
-  TensorArg d = fisher_input(grad_out_, "grad_out");
-  require_same_device(x, d);
-  if (batch_dim != 0 && !(batch_dim == 1 && x.dim() == 3))
-    throw py::value_error("batch_dim: expected 0 (or 1 for a 3-D [T, N, K] input), got " + std::to_string(batch_dim));
-  if (d.dim() != x.dim() || !std::equal(x.shape.begin(), x.shape.end() - 1, d.shape.begin()))
-    throw py::value_error("grad_out: expected the leading dimensions of x " + x.shape_str() + ", got shape " +
-                          d.shape_str());
   if (accumulate_grad_weight)
     throw py::value_error("accumulate_grad_weight: the CUDA kernel writes grad_weight; pass False");
-  fq::cuda::PerSampleFisherArgs a{};
-  a.x = x.ptr<float>();
-  a.d = d.ptr<float>();
-  int64_t n2, t2;
-  fisher_view(x, batch_dim, &a.n, &a.t, &a.k, &a.xs_n, &a.xs_t, &a.xs_k);
-  fisher_view(d, batch_dim, &n2, &t2, &a.m, &a.ds_n, &a.ds_t, &a.ds_m);
-  a.fisher = fisher_output(fisher_, "fisher", x, {a.m, a.k}, &a.fisher_f64);
-  a.grad_weight = fisher_output(grad_weight_, "grad_weight", x, {a.m, a.k}, &a.grad_f64);
-  a.sq_norms = fisher_output(sq_norms_, "sq_norms", x, {a.n}, &a.sq_f64);
-  a.fisher_accumulate = accumulate_fisher;
+  int device_id = 0;
+  const fq::FisherArgs a = fq::parse_fisher_args(x_, grad_out_, fisher_, grad_weight_, sq_norms_, batch_dim,
+                                                 accumulate_fisher, false, kDLCUDA, {DType::f32}, &device_id);
+  const fq::cuda::DeviceGuard guard(device_id);
   check_launch(fq::cuda::per_sample_fisher(a, reinterpret_cast<void*>(stream)));
 }
 

@@ -35,7 +35,7 @@ __device__ __forceinline__ void store_out(void* p, bool f64, int64_t i, double v
 // Thread (tx, ty) of the 16 x 16 grid owns rows ty + 16 i and columns tx + 16 j of the
 // tile: a warp reads two broadcast rows of the D slab and 16 consecutive X columns.
 template <bool Square, typename FT>
-__global__ void __launch_bounds__(THREADS) fisher_kernel(PerSampleFisherArgs a) {
+__global__ void __launch_bounds__(THREADS) fisher_kernel(FisherArgs a) {
   __shared__ float d_slab[BT][BM];
   __shared__ float x_slab[BT][BK];
   __shared__ float warp_sums[THREADS / 32];
@@ -44,8 +44,8 @@ __global__ void __launch_bounds__(THREADS) fisher_kernel(PerSampleFisherArgs a) 
   FT f[4][4] = {};
   float w[4][4] = {};
   for (int64_t n = 0; n < a.n; ++n) {
-    const float* dn = a.d + n * a.ds_n;
-    const float* xn = a.x + n * a.xs_n;
+    const float* dn = static_cast<const float*>(a.d) + n * a.ds_n;
+    const float* xn = static_cast<const float*>(a.x) + n * a.xs_n;
     float g[4][4] = {};
     for (int64_t t0 = 0; t0 < a.t; t0 += BT) {
       for (int e = threadIdx.x; e < BT * BM; e += THREADS) {
@@ -108,12 +108,14 @@ __global__ void __launch_bounds__(THREADS) fisher_kernel(PerSampleFisherArgs a) 
 }
 
 // ||d_n||^2 ||x_n||^2 for one-token samples: one block per sample.
-__global__ void __launch_bounds__(THREADS) rank1_sq_norms_kernel(PerSampleFisherArgs a) {
+__global__ void __launch_bounds__(THREADS) rank1_sq_norms_kernel(FisherArgs a) {
   __shared__ double sums[2][THREADS / 32];
   const int64_t n = blockIdx.x;
   double dd = 0.0, xx = 0.0;
-  for (int64_t i = threadIdx.x; i < a.m; i += THREADS) { const double v = a.d[n * a.ds_n + i * a.ds_m]; dd += v * v; }
-  for (int64_t i = threadIdx.x; i < a.k; i += THREADS) { const double v = a.x[n * a.xs_n + i * a.xs_k]; xx += v * v; }
+  const float* d = static_cast<const float*>(a.d);
+  const float* x = static_cast<const float*>(a.x);
+  for (int64_t i = threadIdx.x; i < a.m; i += THREADS) { const double v = d[n * a.ds_n + i * a.ds_m]; dd += v * v; }
+  for (int64_t i = threadIdx.x; i < a.k; i += THREADS) { const double v = x[n * a.xs_n + i * a.xs_k]; xx += v * v; }
   for (int off = 16; off > 0; off >>= 1) {
     dd += __shfl_down_sync(0xffffffffu, dd, off);
     xx += __shfl_down_sync(0xffffffffu, xx, off);
@@ -128,7 +130,7 @@ __global__ void __launch_bounds__(THREADS) rank1_sq_norms_kernel(PerSampleFisher
 }
 
 template <bool Square>
-void launch(const PerSampleFisherArgs& a, cudaStream_t stream) {
+void launch(const FisherArgs& a, cudaStream_t stream) {
   const dim3 grid((a.k + BK - 1) / BK, (a.m + BM - 1) / BM);  // m on y: checked against 65535 by the caller
   if (a.fisher && a.fisher_f64) fisher_kernel<Square, double><<<grid, THREADS, 0, stream>>>(a);
   else fisher_kernel<Square, float><<<grid, THREADS, 0, stream>>>(a);
@@ -141,7 +143,7 @@ const char* last_error() {
 
 }  // namespace
 
-const char* per_sample_fisher(const PerSampleFisherArgs& args, void* stream_handle) {
+const char* per_sample_fisher(const FisherArgs& args, void* stream_handle) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
   if (args.sq_norms && args.n > 0) {
     cudaError_t err = cudaMemsetAsync(args.sq_norms, 0, args.n * (args.sq_f64 ? 8 : 4), stream);
@@ -154,17 +156,17 @@ const char* per_sample_fisher(const PerSampleFisherArgs& args, void* stream_hand
     return last_error();
   }
   // One-token samples: the N samples become the N tokens of a single sample.
-  PerSampleFisherArgs r = args;
+  FisherArgs r = args;
   r.n = 1, r.t = args.n;
   r.xs_t = args.xs_n, r.ds_t = args.ds_n, r.xs_n = r.ds_n = 0;
   r.sq_norms = nullptr;
   if (args.fisher) {
-    PerSampleFisherArgs f = r;
+    FisherArgs f = r;
     f.grad_weight = nullptr;
     launch<true>(f, stream);
   }
   if (args.grad_weight) {
-    PerSampleFisherArgs g = r;
+    FisherArgs g = r;
     g.fisher = nullptr;
     launch<false>(g, stream);
   }

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "fq/fisher_args.h"
 #include "fq/quant_math.h"
 
 namespace fq::cuda {
@@ -62,22 +63,8 @@ struct QuantGemmArgs {
 const char* quant_gemm(const QuantGemmArgs& args, int dtype_code, bool int8_path, void* stream);
 
 // ---- per_sample_fisher (csrc/cuda/fisher.cu) ----
-// x [N, T, K] / d [N, T, M] float32 by element strides (either layout). Outputs, each
-// optional (nullptr), float or double, contiguous: fisher [M, K] (+)= sum_n (D_n^T X_n)^2,
-// grad_weight [M, K] = sum_n D_n^T X_n, sq_norms [N] = ||D_n^T X_n||^2.
-struct PerSampleFisherArgs {
-  const float* x;
-  const float* d;
-  int64_t n, t, k, m;
-  int64_t xs_n, xs_t, xs_k, ds_n, ds_t, ds_m;
-  void* fisher;
-  bool fisher_f64, fisher_accumulate;
-  void* grad_weight;
-  bool grad_f64;
-  void* sq_norms;
-  bool sq_f64;
-};
-
-const char* per_sample_fisher(const PerSampleFisherArgs& args, void* stream);
+// The arguments of fq/fisher_args.h with float32 inputs (bf16 false) and grad_weight
+// written, never accumulated (grad_accumulate false).
+const char* per_sample_fisher(const FisherArgs& args, void* stream);
 
 }  // namespace fq::cuda

@@ -114,6 +114,11 @@ inline void require_device(const TensorArg& a, int device_type) {
                                                                         : ": expected a CUDA tensor"));
 }
 
+inline void require_same_device(const TensorArg& a, const TensorArg& b) {
+  if (a.device_type != b.device_type || a.device_id != b.device_id)
+    throw py::value_error(std::string(b.name) + ": expected the device of " + a.name);
+}
+
 inline void require_contiguous(const TensorArg& a) {
   if (!a.contiguous()) throw py::value_error(std::string(a.name) + ": expected a contiguous tensor");
 }
