@@ -64,6 +64,9 @@ class Quantizer(nn.Module):
         self.method, self.percentile, self.lsq_grad_scale = method, percentile, lsq_grad_scale
         self.scale = nn.Parameter(torch.ones(channels))
         self.register_buffer("initialized", torch.tensor(False))
+        # A Python copy of ``initialized``: compiled code guards on it instead of reading the
+        # tensor (a data-dependent branch that torch.compile(fullgraph=True) and export refuse).
+        self._ready = False
         self.enabled = True
         self._observed = None  # [values] while calibrating
         # Added after quantization when set: the finite-difference Hessian-vector product of
@@ -89,6 +92,10 @@ class Quantizer(nn.Module):
         where = "per tensor" if self.axis is None else f"per channel (axis {self.axis})"
         return f"bits={self.bits}, {sign}, {where}, method={self.method}"
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready = bool(self.initialized)
+
     def get_extra_state(self):
         return {"bits": self.bits, "signed": self.signed}
 
@@ -103,6 +110,7 @@ class Quantizer(nn.Module):
         scale = scale_from_data(x, self.bits, self.signed, self.axis, self.method, self.percentile)
         self.scale.copy_(scale.to(self.scale.device))
         self.initialized.fill_(True)
+        self._ready = True
 
     @torch.no_grad()
     def set_bits(self, bits):
@@ -152,10 +160,14 @@ class Quantizer(nn.Module):
         return fk.lsq_grad_factor(x.numel() // self.scale.numel(), self.bits, bool(self.signed))
 
     def prepare(self, x):
-        """Observes or lazily initialises from ``x``; returns the scale to use."""
+        """Observes or lazily initialises from ``x``; returns the scale to use.
+
+        Initialisation reads the data (its sign, its range), so compile a model after its
+        first call or calibration: from then on this is only a read of ``scale``.
+        """
         if self._observed is not None:
             self.observe(x)
-        if not bool(self.initialized):
+        if not self._ready:
             self.init_from(x)
         return self.scale
 
