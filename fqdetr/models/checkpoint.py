@@ -1,10 +1,13 @@
-"""Reading and writing DETR checkpoints (official facebookresearch/detr format).
+"""Reading and writing DETR and Deformable DETR checkpoints (official formats of
+facebookresearch/detr and fundamentalvision/Deformable-DETR).
 
 A checkpoint is ``{"model": state_dict, "args": ...}``. Official files carry an
 ``argparse.Namespace`` as args; ours carry the plain keyword arguments of
-``detr_from_config``. Loading always uses ``weights_only=True``.
+``detr_from_config`` / ``deformable_detr_from_config``. Which detector a file holds is
+read from its state dict (``checkpoint_family``). Loading always uses ``weights_only=True``.
 """
 import argparse
+import inspect
 import os
 import re
 import warnings
@@ -16,6 +19,7 @@ from torch import Tensor, nn
 from fqdetr.io import atomic_torch_save
 
 from .backbone import RESNET_SPECS
+from .deformable.deformable_detr import DeformableDETR, deformable_detr_from_config
 from .detr import DETR, detr_from_config
 
 _CONFIG_KEYS = ("num_classes", "backbone", "backbone_width", "dilation", "norm", "train_backbone",
@@ -98,6 +102,92 @@ def infer_config(sd: Mapping[str, Tensor], args=None) -> Dict[str, Any]:
     return config
 
 
+def checkpoint_family(sd: Mapping[str, Tensor]) -> str:
+    """``"deformable_detr"`` (has ``transformer.level_embed``), ``"detr"`` (has
+    ``query_embed.weight`` and ``class_embed.weight``), else ValueError."""
+    if "transformer.level_embed" in sd:
+        return "deformable_detr"
+    if "query_embed.weight" in sd and "class_embed.weight" in sd:
+        return "detr"
+    raise ValueError(f"unknown architecture: the state dict is neither a DETR nor a Deformable DETR "
+                     f"(first keys: {sorted(sd)[:5]})")
+
+
+def _backbone_channels(sd: Mapping[str, Tensor], backbone: str, n_levels: int):
+    """Output channels of the ResNet stages a Deformable DETR with n_levels reads."""
+    expansion = 4 if RESNET_SPECS[backbone][0] == "bottleneck" else 1
+    width = sd["backbone.0.body.conv1.weight"].shape[0]
+    stages = (1, 2, 3) if n_levels > 1 else (3,)  # layer2..4, or layer4 alone
+    return [width * 2 ** k * expansion for k in stages]
+
+
+def _check_levels(sd: Mapping[str, Tensor], backbone: str, n_levels: int) -> None:
+    n_proj = _count(sd, r"input_proj\.(\d+)\.")
+    if n_proj != n_levels:
+        raise ValueError(f"checkpoint has {n_levels} feature levels (transformer.level_embed) but "
+                         f"{n_proj} input projections")
+    expected = _backbone_channels(sd, backbone, n_levels)
+    found = [sd[f"input_proj.{i}.0.weight"].shape[1] for i in range(n_levels)
+             if sd[f"input_proj.{i}.0.weight"].shape[-1] == 1]  # the 1x1 backbone projections
+    if found != expected:
+        raise ValueError(f"checkpoint's {n_levels} feature levels do not match its backbone {backbone}: "
+                         f"input projections read {found} channels, the backbone gives {expected}")
+
+
+def infer_deformable_config(sd: Mapping[str, Tensor], args=None) -> Dict[str, Any]:
+    """Keyword arguments of deformable_detr_from_config from a state dict's keys and shapes.
+
+    Heads and sampling points (which only their product fixes), dropout, and two-stage's
+    query count come from ``args`` when present, else the official defaults (8, 4, 4, 300).
+    """
+    args = _args_dict(args)
+    n_levels, hidden_dim = sd["transformer.level_embed"].shape
+    backbone = _infer_backbone(sd)
+    _check_levels(sd, backbone, n_levels)
+    two_stage = "transformer.enc_output.weight" in sd
+    config = dict(
+        num_classes=sd["class_embed.0.weight"].shape[0], backbone=backbone,
+        backbone_width=sd["backbone.0.body.conv1.weight"].shape[0], hidden_dim=hidden_dim,
+        num_feature_levels=n_levels,
+        enc_layers=_count(sd, r"transformer\.encoder\.layers\.(\d+)\."),
+        dec_layers=_count(sd, r"transformer\.decoder\.layers\.(\d+)\."),
+        dim_feedforward=sd["transformer.decoder.layers.0.linear1.weight"].shape[0],
+        num_queries=args.get("num_queries", 300) if two_stage else sd["query_embed.weight"].shape[0],
+        with_box_refine="transformer.decoder.bbox_embed.0.layers.0.weight" in sd, two_stage=two_stage,
+        nheads=args.get("nheads", 8), enc_n_points=args.get("enc_n_points", 4),
+        dec_n_points=args.get("dec_n_points", 4))
+    for part in ("encoder", "decoder"):
+        attn = "self_attn" if part == "encoder" else "cross_attn"
+        rows = sd[f"transformer.{part}.layers.0.{attn}.attention_weights.weight"].shape[0]
+        points = config[f"{part[:3]}_n_points"]
+        if rows != config["nheads"] * n_levels * points:
+            raise ValueError(f"{part} attention has {rows} weights per query, not nheads "
+                             f"({config['nheads']}) x levels ({n_levels}) x points ({points}): "
+                             f"give the checkpoint's nheads / {part[:3]}_n_points")
+    for key in ("dilation", "dropout", "aux_loss", "norm", "train_backbone", "trainable_layers"):
+        if key in args:
+            config[key] = args[key]
+    if args.get("position_embedding", "sine") != "sine":
+        raise ValueError(f"position_embedding={args['position_embedding']!r} is not supported (sine only)")
+    return config
+
+
+_DEFORMABLE_KEYS = tuple(inspect.signature(deformable_detr_from_config).parameters)
+
+# family -> (builder, keys our own checkpoints store in args, inference from official files)
+_FAMILIES = {"detr": (detr_from_config, _CONFIG_KEYS, infer_config),
+             "deformable_detr": (deformable_detr_from_config, _DEFORMABLE_KEYS, infer_deformable_config)}
+
+
+def model_from_checkpoint(ckpt: Mapping, sd: Mapping[str, Tensor], **overrides) -> nn.Module:
+    """Rebuild the detector a checkpoint holds: from its args (ours) or inferred from its
+    keys and shapes (official files), with ``overrides`` on top."""
+    builder, keys, infer = _FAMILIES[checkpoint_family(sd)]
+    args = _args_dict(ckpt.get("args"))
+    config = {k: args[k] for k in keys} if args and all(k in args for k in keys) else infer(sd, args)
+    return builder(**{**config, **overrides})
+
+
 def _mismatches(model: nn.Module, sd: Mapping[str, Tensor]):
     expected = model.state_dict()
     # nn.BatchNorm2d counters are meaningless for FrozenBatchNorm2d, which drops them.
@@ -121,22 +211,22 @@ def _describe(path, missing, unexpected, shapes, limit: int = 20) -> str:
 
 def load_detr_checkpoint(path, model: Optional[nn.Module] = None, strict: bool = True,
                          **overrides) -> nn.Module:
-    """Load a DETR checkpoint (official or saved by save_detr_checkpoint) into ``model``.
+    """Load a DETR or Deformable DETR checkpoint (official, or saved by
+    save_detr_checkpoint) into ``model``.
 
-    With ``model=None`` the architecture is rebuilt from the checkpoint's args (ours) or
-    inferred from its keys and shapes (official), with ``overrides`` applied on top.
-    ``strict=True`` raises ValueError listing missing/unexpected keys and shape
-    mismatches; ``strict=False`` loads the keys that fit and warns about the rest.
+    With ``model=None`` the detector the file holds is rebuilt (model_from_checkpoint);
+    an unknown architecture raises ValueError. A given ``model`` of the other family
+    raises ValueError too. ``strict=True`` raises ValueError listing missing/unexpected
+    keys and shape mismatches; ``strict=False`` loads the keys that fit and warns.
     """
     ckpt = read_checkpoint(path)
     sd = _state_dict_of(ckpt, path)
     if model is None:
-        args = _args_dict(ckpt.get("args"))
-        if args and all(k in args for k in _CONFIG_KEYS):
-            config = {k: args[k] for k in _CONFIG_KEYS}
-        else:
-            config = infer_config(sd, args)
-        model = detr_from_config(**{**config, **overrides})
+        model = model_from_checkpoint(ckpt, sd, **overrides)
+    elif isinstance(model, (DETR, DeformableDETR)):
+        family, expected = checkpoint_family(sd), checkpoint_family(model.state_dict())
+        if family != expected:
+            raise ValueError(f"checkpoint {path} holds a {family}, the model given is a {expected}")
     sd, missing, unexpected, shapes = _mismatches(model, sd)
     if missing or unexpected or shapes:
         message = _describe(path, missing, unexpected, shapes)
