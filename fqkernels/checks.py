@@ -5,6 +5,7 @@ import math
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ACCUM_DTYPES = (torch.float32, torch.float64)  # of the Fisher / weight-gradient buffers
 
 
 def float_dtypes():
@@ -50,6 +51,16 @@ def check_scale_values(scale, name):
     elif not bool(ok):
         raise ValueError(f"{name}: expected finite positive values, got min {scale.min().item():g} "
                          f"(NaN/Inf or <= 0 present)")
+
+
+def check_output(t, name, shape, x):
+    """An output buffer the kernels write: ACCUM_DTYPES, on x's device, ``shape``, contiguous."""
+    check_tensor(t, name, dtypes=ACCUM_DTYPES)
+    check_same_device(x, "x", t, name)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor")
 
 
 def as_scale(scale, name, like, numel):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fqkernels import checks
-from fqkernels.fisher import OUT_DTYPES, _check_out, per_sample_fisher
+from fqkernels.fisher import per_sample_fisher
 
 DEFAULT_CHUNK_BYTES = 32 << 20
 
@@ -97,10 +97,10 @@ def conv2d_per_sample_fisher(x, grad_out, weight_shape, stride=1, padding=0, dil
     """
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     _check_conv(x, grad_out, weight_shape, stride, padding, dilation, groups)
-    if dtype not in OUT_DTYPES:
+    if dtype not in checks.ACCUM_DTYPES:
         raise TypeError(f"dtype: expected torch.float32 or torch.float64 accumulation, got {dtype}")
     if out is not None:
-        _check_out(out, "out", weight_shape, x)
+        checks.check_output(out, "out", weight_shape, x)
     fisher = out if out is not None else torch.zeros(weight_shape, dtype=dtype, device=x.device)
     _accumulate(x, grad_out, tuple(weight_shape), stride, padding, dilation, groups, fisher, None, chunk_bytes,
                 backend)
@@ -147,7 +147,7 @@ def conv2d_with_fisher(x, weight, bias, fisher, stride=1, padding=0, dilation=1,
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     checks.check_tensor(weight, "weight", dim=4)
     _check_input(x, tuple(weight.shape), groups)
-    _check_out(fisher, "fisher", tuple(weight.shape), x)
+    checks.check_output(fisher, "fisher", tuple(weight.shape), x)
     if fisher_mask is not None and tuple(fisher_mask.shape) != tuple(weight.shape):
         raise ValueError(f"fisher_mask: expected weight's shape {list(weight.shape)}, got {list(fisher_mask.shape)}")
     return _Conv2dWithFisher.apply(x, weight, bias, fisher, fisher_mask, stride, padding, dilation, groups,

@@ -10,12 +10,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from fqkernels import _ext, backends, checks, composite, reference
-from fqkernels.util import owned_output
-
-
-class _Reference:
-    forward = staticmethod(reference.fake_quant_forward)
-    backward = staticmethod(reference.fake_quant_backward)
+from fqkernels.util import FunctionPair, owned_output
 
 
 class _Compiled:
@@ -56,7 +51,8 @@ class _Compiled:
         return grad_x, grad_scale
 
 
-backends.register("fake_quant", "reference", _Reference())
+backends.register("fake_quant", "reference",
+                  FunctionPair(reference.fake_quant_forward, reference.fake_quant_backward))
 backends.register("fake_quant", "cpu", _Compiled("cpu"))
 backends.register("fake_quant", "cuda", _Compiled("cuda"))
 

@@ -18,9 +18,6 @@ import torch
 from fqkernels import _ext, backends, checks, reference
 from fqkernels.util import Lazy
 
-OUT_DTYPES = (torch.float32, torch.float64)
-
-
 class _Reference:
     @staticmethod
     def compute(x, grad_out, batch_dim, fisher, grad_weight, sq_norms, accumulate_fisher):
@@ -116,17 +113,8 @@ def _check(x, grad_out, batch_dim, dtype):
                          f"{list(grad_out.shape)}")
     if isinstance(batch_dim, bool) or batch_dim not in (0, 1) or (x.dim() == 2 and batch_dim != 0):
         raise ValueError(f"batch_dim: expected 0 (or 1 for a 3-D [T, N, K] input), got {batch_dim}")
-    if dtype not in OUT_DTYPES:
+    if dtype not in checks.ACCUM_DTYPES:
         raise TypeError(f"dtype: expected torch.float32 or torch.float64 accumulation, got {dtype}")
-
-
-def _check_out(t, name, shape, x):
-    checks.check_tensor(t, name, dtypes=OUT_DTYPES)
-    checks.check_same_device(x, "x", t, name)
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name}: expected a contiguous tensor")
 
 
 def num_samples(x, batch_dim=0):
@@ -147,9 +135,9 @@ def per_sample_fisher(x, grad_out, batch_dim=0, dtype=torch.float32, out=None, g
     _check(x, grad_out, batch_dim, dtype)
     shape = (grad_out.shape[-1], x.shape[-1])
     if out is not None:
-        _check_out(out, "out", shape, x)
+        checks.check_output(out, "out", shape, x)
     if grad_weight is not None:
-        _check_out(grad_weight, "grad_weight", shape, x)
+        checks.check_output(grad_weight, "grad_weight", shape, x)
     name = backends.backend_for("per_sample_fisher", x, backend)
     accumulate = out is not None
     fisher = out if accumulate else torch.empty(shape, dtype=dtype, device=x.device)
@@ -197,5 +185,5 @@ def linear_with_fisher(x, weight, bias, fisher, batch_dim=0, backend=None):
                          f"got shape {list(x.shape)}")
     # grad_out will have x's leading dims: check x's layout against a shape-only stand-in.
     _check(x, x.new_empty(()).expand(*x.shape[:-1], weight.shape[0]), batch_dim, torch.float32)
-    _check_out(fisher, "fisher", tuple(weight.shape), x)
+    checks.check_output(fisher, "fisher", tuple(weight.shape), x)
     return _LinearWithFisher.apply(x, weight, bias, fisher, batch_dim, backend)

@@ -21,12 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from fqkernels import _ext, backends, checks, composite, gemm_backends, reference
-from fqkernels.util import Lazy, accumulate_fisher, cpu_fake_quant, cpu_ste_backward_, f32, owned_output
-
-
-class _Reference:
-    forward = staticmethod(reference.quant_linear_forward)
-    backward = staticmethod(reference.quant_linear_backward)
+from fqkernels.util import (FunctionPair, Lazy, accumulate_fisher, cpu_fake_quant, cpu_ste_backward_, f32,
+                            owned_output)
 
 
 class _Cpu:
@@ -89,7 +85,8 @@ class _Cpu:
                 grad_a_scale)
 
 
-backends.register("quant_linear", "reference", _Reference())
+backends.register("quant_linear", "reference",
+                  FunctionPair(reference.quant_linear_forward, reference.quant_linear_backward))
 backends.register("quant_linear", "cpu", _Cpu())
 backends.register("quant_linear", "triton", Lazy("fqkernels.triton.quant_gemm", "QUANT_LINEAR"))
 backends.register("quant_linear", "cuda", gemm_backends.QuantLinear(gemm_backends.cuda_quant_gemm))

@@ -16,12 +16,7 @@ from typing import NamedTuple
 import torch
 
 from fqkernels import backends, checks, composite, gemm_backends, reference
-from fqkernels.util import Lazy, cpu_fake_quant, cpu_ste_backward_, f32, owned_output
-
-
-class _Reference:
-    forward = staticmethod(reference.quant_matmul_forward)
-    backward = staticmethod(reference.quant_matmul_backward)
+from fqkernels.util import FunctionPair, Lazy, cpu_fake_quant, cpu_ste_backward_, f32, owned_output
 
 
 class _Cpu:
@@ -47,7 +42,8 @@ class _Cpu:
         return grad_a.to(a.dtype), grad_b.to(b.dtype), grad_sa.reshape(a_scale.shape), grad_sb.reshape(b_scale.shape)
 
 
-backends.register("quant_matmul", "reference", _Reference())
+backends.register("quant_matmul", "reference",
+                  FunctionPair(reference.quant_matmul_forward, reference.quant_matmul_backward))
 backends.register("quant_matmul", "cpu", _Cpu())
 backends.register("quant_matmul", "triton", Lazy("fqkernels.triton.quant_gemm", "QUANT_MATMUL"))
 backends.register("quant_matmul", "cuda", gemm_backends.QuantMatmul(gemm_backends.cuda_quant_gemm))

@@ -22,6 +22,13 @@ class Lazy:
         return getattr(target if self.name is None else getattr(target, self.name), attr)
 
 
+class FunctionPair:
+    """A backend implementation made of two plain functions (the reference backends)."""
+
+    def __init__(self, forward, backward):
+        self.forward, self.backward = forward, backward
+
+
 def owned_output(t):
     """``t`` as a custom op's forward output: contiguous (the fake implementations promise
     contiguous outputs, and torch.compile lays out later kernels by them) and not a view

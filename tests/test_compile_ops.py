@@ -1,7 +1,8 @@
 """torch.compile(fullgraph=True) (inductor, CPU) and torch.export of the public ops: forward
 and backward match eager on contiguous and non-contiguous inputs, the scale value check
 survives compilation as a runtime assert, and outputs can be edited in place like
-nn.Linear's. Shapes are small: every test pays one inductor compile."""
+nn.Linear's. Shapes are small: every test pays one inductor compile. Last, the import
+structure of the op layer (no cycle, no op module importing another)."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
@@ -141,3 +142,47 @@ def test_quant_linear_module_output_can_be_edited_in_place(monkeypatch):
     assert len(grads[0]) == len(grads[1]) > 2
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ import structure of the op layer
+OP_MODULES = {"fqkernels.fake_quant", "fqkernels.quant_linear", "fqkernels.quant_matmul", "fqkernels.fisher"}
+
+
+def _fqkernels_imports():
+    """{module: set of fqkernels modules it imports anywhere in its file (lazy imports too)}."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(fk.__file__).parent
+    graph = {}
+    for path in root.rglob("*.py"):
+        module = ".".join(("fqkernels", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name.startswith("fqkernels")}
+            elif isinstance(node, ast.ImportFrom) and node.module == "fqkernels":  # its submodules
+                edges |= {f"fqkernels.{a.name}" for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fqkernels."):
+                edges.add(node.module)
+        graph[module] = edges - {module}
+    return graph
+
+
+def test_fqkernels_has_no_import_cycle_and_op_modules_import_no_other_op():
+    graph = _fqkernels_imports()
+    assert {"fqkernels.quant_linear", "fqkernels.util", "fqkernels.triton.launch"} <= graph.keys()
+    for op in OP_MODULES:
+        assert not graph[op] & (OP_MODULES | {"fqkernels"}), f"{op} imports {graph[op] & OP_MODULES}"
+    state = {}  # depth-first search: 1 on the current path, 2 done
+
+    def visit(module, path):
+        state[module] = 1
+        for dep in graph.get(module, ()):
+            assert state.get(dep) != 1, f"import cycle: {' -> '.join(path + [dep])}"
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[module] = 2
+    for module in graph:
+        if module not in state and module != "fqkernels":  # the package imports its modules by design
+            visit(module, [module])
