@@ -251,3 +251,100 @@ def test_unknown_architecture_is_rejected(tmp_path):
     atomic_torch_save({"model": {"encoder.weight": torch.zeros(2, 2)}}, path)
     with pytest.raises(ValueError, match="unknown architecture"):
         load_detr_checkpoint(path)
+
+
+def _detections(bsz=2, queries=6, classes=4, requires_grad=False):
+    logits = torch.randn(bsz, queries, classes, requires_grad=requires_grad)
+    centres = torch.rand(bsz, queries, 2) * 0.5 + 0.25
+    sizes = torch.rand(bsz, queries, 2) * 0.2 + 0.05
+    return {"pred_logits": logits, "pred_boxes": torch.cat([centres, sizes], -1)}
+
+
+TARGETS = [{"labels": torch.tensor([2, 0]), "boxes": torch.tensor([[0.4, 0.5, 0.2, 0.2], [0.6, 0.3, 0.1, 0.2]])},
+           {"labels": torch.tensor([3]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])}]
+
+
+def test_focal_class_loss_matches_the_official_expression():
+    criterion = build_deformable_criterion(num_classes=4, dec_layers=1)
+    out = _detections()
+    indices = criterion.matcher(out, TARGETS)
+    onehot = torch.zeros(2, 6, 4)
+    for b, (src, tgt) in enumerate(indices):
+        onehot[b, src, TARGETS[b]["labels"][tgt]] = 1.0
+    logits = out["pred_logits"]
+    prob = logits.sigmoid()
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
+    p_t = prob * onehot + (1 - prob) * (1 - onehot)
+    focal = (0.25 * onehot + 0.75 * (1 - onehot)) * ce * (1 - p_t) ** 2
+    num_boxes = 3.0
+    official = focal.mean(1).sum() / num_boxes * logits.shape[1]
+    torch.testing.assert_close(criterion(out, TARGETS)["loss_ce"], official)
+    torch.testing.assert_close(sigmoid_focal_loss(logits, onehot), focal)
+
+
+def test_per_image_losses_sum_to_the_batch_and_stay_per_image():
+    criterion = build_deformable_criterion(num_classes=4, dec_layers=2, two_stage=True)
+    out = _detections(requires_grad=True)
+    out["aux_outputs"] = [_detections()]
+    out["enc_outputs"] = _detections(queries=9, classes=4)
+    batch = criterion(out, TARGETS)
+    per_image = criterion(out, TARGETS, reduction="per_image")
+    assert {"loss_ce_enc", "loss_giou_enc", "loss_bbox_0"} <= set(batch) and set(batch) == set(per_image)
+    assert {"loss_ce_enc", "loss_ce_0"} <= set(criterion.weight_dict)
+    for key, value in batch.items():
+        assert per_image[key].shape == (2,)
+        torch.testing.assert_close(per_image[key].sum(), value, msg=key)
+    (grad,) = torch.autograd.grad(weighted_loss(per_image, criterion.weight_dict)[0], out["pred_logits"])
+    assert grad[0].abs().sum() > 0 and not grad[1].any()
+
+
+def test_images_without_boxes_and_an_empty_target_list():
+    criterion = build_deformable_criterion(num_classes=4, dec_layers=1)
+    empty = {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}
+    losses = criterion(_detections(), [empty, empty])
+    assert losses["loss_bbox"].item() == 0.0 and losses["loss_giou"].item() == 0.0
+    assert losses["loss_ce"].item() > 0 and all(bool(torch.isfinite(v)) for v in losses.values())
+    with pytest.raises(ValueError, match="0 targets for a batch of 2"):
+        criterion(_detections(), [])
+
+
+def test_focal_matcher_prefers_the_confident_query():
+    out = {"pred_logits": torch.tensor([[[-4.0, 0.0], [3.0, 0.0]]]),
+           "pred_boxes": torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2]]])}
+    target = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    src, tgt = FocalHungarianMatcher()(out, target)[0]
+    assert src.tolist() == [1] and tgt.tolist() == [0]
+
+
+def test_topk_postprocess_against_sorting_every_pair():
+    out = _detections(queries=5, classes=3)
+    sizes = torch.tensor([[100, 200], [50, 40]])
+    results = TopKPostProcess(num_select=7)(out, sizes)
+    prob = out["pred_logits"].sigmoid()
+    for b, result in enumerate(results):
+        pairs = sorted(((prob[b, q, c].item(), q, c) for q in range(5) for c in range(3)), reverse=True)[:7]
+        torch.testing.assert_close(result["scores"], torch.tensor([p[0] for p in pairs]))
+        assert result["labels"].tolist() == [p[2] for p in pairs]
+        cx, cy, w, h = out["pred_boxes"][b, pairs[0][1]].tolist()
+        height, width = sizes[b].tolist()
+        expected = [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]
+        torch.testing.assert_close(result["boxes"][0], torch.tensor(expected))
+    assert len(TopKPostProcess(num_select=100)(out, sizes)[0]["scores"]) == 15  # all 5 x 3 pairs
+    with pytest.raises(ValueError, match="target_sizes must be"):
+        TopKPostProcess()(out, torch.tensor([100, 200]))
+    with pytest.raises(ValueError, match="num_select"):
+        TopKPostProcess(num_select=0)
+
+
+def test_quantize_model_swaps_deformable_layers_and_trains():
+    from fqdetr.quant import QuantConfig, quantize_model
+    model = _tiny(with_box_refine=True)
+    qmodel, report = quantize_model(model, QuantConfig(w_bits=4, a_bits=8), return_report=True)
+    for name in ("transformer.encoder.layers.0.self_attn.sampling_offsets",
+                 "transformer.decoder.layers.1.cross_attn.value_proj", "transformer.decoder.layers.0.self_attn"):
+        assert name in report.swapped
+    criterion = build_deformable_criterion(5, dec_layers=2)
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4]])}]
+    weighted_loss(criterion(qmodel(torch.rand(1, 3, 64, 64)), targets), criterion.weight_dict).backward()
+    grad = qmodel.transformer.encoder.layers[0].self_attn.sampling_offsets.weight.grad
+    assert grad is not None and bool(torch.isfinite(grad).all()) and grad.any()
