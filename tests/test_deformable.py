@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from fqdetr.models import (DEFORMABLE_PRESETS, DETR, DeformableDETR, FocalHungarianMatcher, MSDeformAttn, TopKPostProcess,
-                           build_deformable_criterion, build_deformable_detr, build_detr, checkpoint_family,
-                           infer_deformable_config, load_detr_checkpoint, ms_deform_attn_sample, save_detr_checkpoint,
-                           sigmoid_focal_loss, weighted_loss)
+from fqdetr.models import (DEFORMABLE_PRESETS, DETR, DeformableDETR, FocalHungarianMatcher, MSDeformAttn,
+                           TopKPostProcess, build_deformable_criterion, build_deformable_detr, build_detr,
+                           checkpoint_family, infer_deformable_config, load_detr_checkpoint,
+                           ms_deform_attn_sample, save_detr_checkpoint, sigmoid_focal_loss, weighted_loss)
 from fqdetr.io import atomic_torch_save
 
 ODD_SHAPES = [(5, 7), (3, 2), (1, 1)]

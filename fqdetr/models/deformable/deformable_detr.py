@@ -12,12 +12,12 @@ from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from ..detr import MLP
 from ..misc import NestedTensor, SampleLike, to_nested_tensor
 from .backbone import MultiScaleJoiner, build_multiscale_backbone
-from .transformer import DeformableTransformer, _clones, inverse_sigmoid
+from .transformer import DeformableTransformer, clone_modules, inverse_sigmoid
 
 _GROUPS = 32  # GroupNorm groups of the input projections (official)
 
@@ -82,8 +82,8 @@ class DeformableDETR(nn.Module):
         nn.init.zeros_(bbox_embed.layers[-1].weight)
         nn.init.zeros_(bbox_embed.layers[-1].bias)
         if self.with_box_refine:
-            self.class_embed = _clones(class_embed, num_pred)
-            self.bbox_embed = _clones(bbox_embed, num_pred)
+            self.class_embed = clone_modules(class_embed, num_pred)
+            self.bbox_embed = clone_modules(bbox_embed, num_pred)
             self.transformer.decoder.bbox_embed = self.bbox_embed
         else:  # one module under every index (shared weights, each name in the state dict)
             self.class_embed = nn.ModuleList([class_embed] * num_pred)

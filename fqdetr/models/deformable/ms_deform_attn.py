@@ -42,7 +42,8 @@ def ms_deform_attn_sample(value: Tensor, spatial_shapes: SpatialShapes, sampling
     shapes = check_spatial_shapes(spatial_shapes, s)
     if len(shapes) != n_levels:
         raise ValueError(f"{len(shapes)} spatial shapes for {n_levels} levels of sampling_locations")
-    grids = 2 * sampling_locations - 1  # grid_sample's [-1, 1] (align_corners=False)
+    # grid_sample's [-1, 1] (align_corners=False), in the values' dtype as it requires
+    grids = (2 * sampling_locations - 1).to(value.dtype)
     sampled = []
     for level, ((h, w), level_value) in enumerate(zip(shapes, value.split([h * w for h, w in shapes], 1))):
         # [N, H*W, M, D] -> [N*M, D, H, W]

@@ -20,9 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ms_deform_attn import MSDeformAttn
-
-SpatialShapes = List[Tuple[int, int]]
+from .ms_deform_attn import MSDeformAttn, SpatialShapes
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
@@ -31,7 +29,8 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-def _clones(module: nn.Module, n: int) -> nn.ModuleList:
+def clone_modules(module: nn.Module, n: int) -> nn.ModuleList:
+    """n independent deep copies (ModuleList names .0 .. .n-1)."""
     return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
 
 
@@ -117,13 +116,13 @@ class DeformableEncoder(nn.Module):
 
     def __init__(self, layer: DeformableEncoderLayer, num_layers: int):
         super().__init__()
-        self.layers = _clones(layer, num_layers)
+        self.layers = clone_modules(layer, num_layers)
         self.num_layers = num_layers
 
     def forward(self, src: Tensor, spatial_shapes: SpatialShapes, valid_ratios: Tensor, pos: Tensor,
                 padding_mask: Optional[Tensor] = None) -> Tensor:
         """src, pos [B, S, d]; valid_ratios [B, L, 2]; padding_mask [B, S] -> memory [B, S, d]."""
-        reference_points = encoder_reference_points(spatial_shapes, valid_ratios.to(src.dtype))
+        reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
         out = src
         for layer in self.layers:
             out = layer(out, pos, reference_points, spatial_shapes, padding_mask)
@@ -139,7 +138,7 @@ class DeformableDecoder(nn.Module):
 
     def __init__(self, layer: DeformableDecoderLayer, num_layers: int):
         super().__init__()
-        self.layers = _clones(layer, num_layers)
+        self.layers = clone_modules(layer, num_layers)
         self.num_layers = num_layers
         self.bbox_embed: Optional[nn.ModuleList] = None
         self.class_embed: Optional[nn.ModuleList] = None
@@ -182,8 +181,8 @@ def proposal_pos_embed(proposals: Tensor, num_pos_feats: int = 128, temperature:
     128 features for d_model 256, i.e. d_model // 2)."""
     dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
-    pos = proposals.sigmoid()[..., None] * (2 * math.pi) / dim_t  # [B, Q, 4, F]
-    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
+    pos = proposals.float().sigmoid()[..., None] * (2 * math.pi) / dim_t  # [B, Q, 4, F], fp32 as officially
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2).to(proposals.dtype)
 
 
 def encoder_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: SpatialShapes):
@@ -277,7 +276,8 @@ class DeformableTransformer(nn.Module):
                              f"the image gives {memory.shape[1]}: use a larger image or fewer queries")
         top = torch.topk(enc_class[..., 0], k, dim=1)[1]  # class 0 scores "any object"
         boxes = torch.gather(enc_coord, 1, top[..., None].expand(-1, -1, 4)).detach()
-        query_pos, tgt = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(boxes, self.d_model // 2))).split(self.d_model, -1)
+        embed = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(boxes, self.d_model // 2)))
+        query_pos, tgt = embed.split(self.d_model, -1)
         return query_pos, tgt, boxes.sigmoid(), enc_class, enc_coord
 
     def forward(self, srcs: List[Tensor], masks: List[Tensor], pos_embeds: List[Tensor],
@@ -293,7 +293,7 @@ class DeformableTransformer(nn.Module):
             raise ValueError("query_embed is required unless two_stage")
         spatial_shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
         src, mask, pos = self._flatten(srcs, masks, pos_embeds)
-        valid_ratios = torch.stack([valid_ratios_of(m) for m in masks], 1)  # [B, L, 2]
+        valid_ratios = torch.stack([valid_ratios_of(m) for m in masks], 1).to(src.dtype)  # [B, L, 2]
         memory = self.encoder(src, spatial_shapes, valid_ratios, pos, mask)
         enc_class = enc_coord = None
         if self.two_stage:
