@@ -2,7 +2,8 @@
 per tensor, LSQ gradients of both scales and, optionally, per-sample Fisher
 accumulation of the weight gradient in the same backward pass.
 
-Backends (all with reference.quant_linear_forward/backward's signatures):
+Backends (all with reference.quant_linear_forward/backward's signatures; forward gets x
+flattened to [R, K] and returns [R, M], a tensor it owns: see util.owned_output):
   reference  pure PyTorch (the oracle);
   cpu        exact integer forward: C++ kernels quantize x and W to int8 codes, the
              int8 x int8 -> int32 GEMM is torch._int_mm (oneDNN, AVX-512 VNNI), and a
@@ -162,7 +163,7 @@ class QuantLinearFunction(torch.autograd.Function):
             ctx.fisher, c.fisher_batch_dim, c.backend)
         grad_b = grad_b.to(weight.dtype) if ctx.has_bias else None
         grad_as = grad_as if a_scale is not None else None
-        return grad_x, grad_w, grad_b, grad_ws.reshape(w_scale.shape), grad_as, None, None
+        return grad_x, grad_w, grad_b, grad_ws, grad_as, None, None
 
 
 def quant_linear(x, weight, bias=None, w_scale=None, a_scale=None, w_bits=4, a_bits=8, a_signed=True,

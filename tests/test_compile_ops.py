@@ -186,3 +186,21 @@ def test_fqkernels_has_no_import_cycle_and_op_modules_import_no_other_op():
     for module in graph:
         if module not in state and module != "fqkernels":  # the package imports its modules by design
             visit(module, [module])
+
+
+def test_gemm_custom_ops_pass_opcheck_on_non_contiguous_inputs():
+    """Schema, fake implementation (shapes and strides) and aliasing of the quant_linear and
+    quant_matmul custom ops agree with what the kernels return."""
+    from fqkernels.quant_linear import quant_linear_backward_op, quant_linear_forward_op
+    from fqkernels.quant_matmul import quant_matmul_backward_op, quant_matmul_forward_op
+
+    x, w = torch.randn(6, 5).t(), torch.randn(4, 6)  # x [5, 6] transposed
+    ws, a_s = torch.rand(4) * 0.1 + 0.05, torch.tensor([0.05])
+    backend = fk.backend_for("quant_linear", x)
+    torch.library.opcheck(quant_linear_forward_op, (x, w, torch.randn(4), ws, a_s, 4, 8, True, backend))
+    torch.library.opcheck(quant_linear_backward_op,
+                          (torch.randn(4, 5).t(), x, w, ws, a_s, 4, 8, True, 1.0, 1.0, None, 0, backend))
+    a, b = torch.randn(2, 7, 5).transpose(1, 2), torch.randn(2, 7, 3)  # a [2, 5, 7]
+    args = (a, b, a_s, torch.tensor([0.1]), 8, 4, True, True)
+    torch.library.opcheck(quant_matmul_forward_op, (*args, backend))
+    torch.library.opcheck(quant_matmul_backward_op, (torch.randn(2, 3, 5).transpose(1, 2), *args, 1.0, 1.0, backend))
