@@ -102,13 +102,20 @@ def infer_config(sd: Mapping[str, Tensor], args=None) -> Dict[str, Any]:
     return config
 
 
-def checkpoint_family(sd: Mapping[str, Tensor]) -> str:
-    """``"deformable_detr"`` (has ``transformer.level_embed``), ``"detr"`` (has
-    ``query_embed.weight`` and ``class_embed.weight``), else ValueError."""
+def _family_or_none(sd: Mapping[str, Tensor]) -> Optional[str]:
     if "transformer.level_embed" in sd:
         return "deformable_detr"
     if "query_embed.weight" in sd and "class_embed.weight" in sd:
         return "detr"
+    return None
+
+
+def checkpoint_family(sd: Mapping[str, Tensor]) -> str:
+    """``"deformable_detr"`` (has ``transformer.level_embed``), ``"detr"`` (has
+    ``query_embed.weight`` and ``class_embed.weight``), else ValueError."""
+    family = _family_or_none(sd)
+    if family is not None:
+        return family
     raise ValueError(f"unknown architecture: the state dict is neither a DETR nor a Deformable DETR "
                      f"(first keys: {sorted(sd)[:5]})")
 
@@ -215,8 +222,8 @@ def load_detr_checkpoint(path, model: Optional[nn.Module] = None, strict: bool =
     save_detr_checkpoint) into ``model``.
 
     With ``model=None`` the detector the file holds is rebuilt (model_from_checkpoint);
-    an unknown architecture raises ValueError. A given ``model`` of the other family
-    raises ValueError too. ``strict=True`` raises ValueError listing missing/unexpected
+    an unknown architecture raises ValueError. A checkpoint of the other family than a
+    given ``model`` raises ValueError too. ``strict=True`` raises ValueError listing missing/unexpected
     keys and shape mismatches; ``strict=False`` loads the keys that fit and warns.
     """
     ckpt = read_checkpoint(path)
@@ -224,8 +231,9 @@ def load_detr_checkpoint(path, model: Optional[nn.Module] = None, strict: bool =
     if model is None:
         model = model_from_checkpoint(ckpt, sd, **overrides)
     elif isinstance(model, (DETR, DeformableDETR)):
-        family, expected = checkpoint_family(sd), checkpoint_family(model.state_dict())
-        if family != expected:
+        # a file of the other family would fail on every key: say so instead
+        family, expected = _family_or_none(sd), _family_or_none(model.state_dict())
+        if family not in (None, expected):
             raise ValueError(f"checkpoint {path} holds a {family}, the model given is a {expected}")
     sd, missing, unexpected, shapes = _mismatches(model, sd)
     if missing or unexpected or shapes:
