@@ -24,15 +24,15 @@ from torch.utils.data import Sampler
 from fqdetr.data import CocoDetection, builtin_paths
 from fqdetr.data.transforms import Compose, Normalize, ToTensor
 from fqdetr.engine import distributed as fd
-from fqdetr.engine import ResumableSampler, make_loader, train_detr
+from fqdetr.engine import ResumableSampler, TrainConfig, make_loader, train_detr
 from fqdetr.models import build_criterion, build_detr
 
 NUM_CLASSES = 16
 ARCH = dict(norm="frozen", dropout=0.0, hidden_dim=32, nheads=2, dim_feedforward=64, enc_layers=1,
             dec_layers=2, num_queries=10)
 BATCH, SIZE, SEED, STEPS, EPOCHS = 2, 48, 7, 4, 2  # 8 images: 2 steps per epoch and rank
-TRAIN = dict(epochs=EPOCHS, lr=1e-4, lr_backbone=1e-4, lr_drop=10, clip_max_norm=0.1, max_steps=STEPS,
-             progress=False)
+TRAIN = TrainConfig(epochs=EPOCHS, lr=1e-4, lr_backbone=1e-4, lr_drop=10, clip_max_norm=0.1, max_steps=STEPS,
+                    progress=False)
 
 
 class FixedSize:
@@ -94,7 +94,7 @@ def reference(root):
     loader = make_loader(data, 2 * BATCH, SIZE, shuffle=True, seed=SEED)
     loader = torch.utils.data.DataLoader(data, batch_size=2 * BATCH, sampler=InterleavedShards(data, BATCH),
                                          collate_fn=loader.collate_fn, drop_last=True)
-    out = train_detr(model, criterion, loader, **TRAIN)
+    out = train_detr(model, criterion, loader, config=TRAIN)
     return {"state": model.state_dict(), "losses": out["losses"]}
 
 
@@ -105,7 +105,7 @@ def compare(root, out_dir):
     data = dataset(root)
     model, criterion = model_and_criterion()
     loader = make_loader(data, BATCH, SIZE, shuffle=True, seed=SEED, shard=True)
-    out = train_detr(model, criterion, loader, **TRAIN)
+    out = train_detr(model, criterion, loader, config=TRAIN)
     torch.save({"state": model.state_dict(), "losses": out["losses"], "step": out["step"],
                 "samples": [list(sampler_epoch(loader, e)) for e in range(EPOCHS)]},
                Path(out_dir) / f"compare_rank{fd.rank()}.pt")

@@ -4,6 +4,7 @@ import json
 import torch
 
 from fqdetr.cli.demo import DEFAULT_MODEL
+from fqdetr.data import make_builtin_dataset
 from fqdetr.experiments.demo import run_demo
 from fqdetr.engine.quantize import quantize_detr
 from fqdetr.models import load_detr_checkpoint
@@ -15,6 +16,7 @@ METHODS = ["float", "ptq uniform w4a8", "ptq fisher-overall", "ptq fisher-critic
 def test_demo_pipeline_on_tiny_data(tmp_path):
     torch.set_num_threads(2)
     out = tmp_path / "demo"
+    make_builtin_dataset(tmp_path / "data", num_train=32, num_val=16, seed=0)
     results = run_demo(out, DEFAULT_MODEL, tmp_path / "data", critical="person", qat_steps=2, fisher_images=8,
                        eval_images=16, batch_size=4)
     assert (out / "report.md").exists() and (out / "layers.png").stat().st_size > 0

@@ -9,8 +9,8 @@ import torch
 
 from fqdetr.data import (CocoDetection, PadToCanvas, builtin_paths, make_builtin_dataset, make_transforms,
                          max_size_for)
-from fqdetr.engine import (evaluate_model, load_training_checkpoint, make_loader, predict,
-                           save_training_checkpoint, train_detr)
+from fqdetr.engine import (TrainConfig, evaluate_model, load_training_checkpoint, make_loader, predict,
+                           save_training_checkpoint, seed_everything, train_detr)
 from fqdetr.engine import checkpoint as engine_checkpoint
 from fqdetr.engine.setup import checkpoint_geometry
 from fqdetr.models import build_criterion, build_detr, load_detr_checkpoint
@@ -34,21 +34,15 @@ def _train_set(root):
                          transforms=make_transforms("train", scales=(40, 48), max_size=64))
 
 
-def _seed(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def _run(root, out_dir=None, max_steps=2, resume=None, seed=0, epochs=3, lr_drop=1):
     """Tiny DETR (dropout on, random flips and scales) for max_steps steps of batch 2."""
-    _seed(seed)
+    seed_everything(seed)
     model = build_detr("tiny", num_classes=NUM_CLASSES, **SMALL)
     criterion = build_criterion(NUM_CLASSES, dec_layers=model.config["dec_layers"])
     loader = make_loader(_train_set(root), batch_size=2, canvas=64, shuffle=True, seed=7)
-    return train_detr(model, criterion, loader, epochs=epochs, lr=2e-4, lr_backbone=2e-4, lr_drop=lr_drop,
-                      out_dir=out_dir, max_steps=max_steps, resume=resume, progress=False,
-                      checkpoint_extra={"note": "test"})
+    config = TrainConfig(epochs=epochs, lr=2e-4, lr_backbone=2e-4, lr_drop=lr_drop, out_dir=out_dir,
+                         max_steps=max_steps, resume=resume, progress=False, checkpoint_extra={"note": "test"})
+    return train_detr(model, criterion, loader, config=config)
 
 
 @pytest.fixture

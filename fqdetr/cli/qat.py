@@ -25,17 +25,15 @@ def add_parser(subparsers):
 
 
 def run(args):
-    import torch
-
     from fqdetr.engine import distributed as dist
-    from fqdetr.engine.checkpoint import atomic_torch_save
+    from fqdetr.engine.checkpoint import atomic_torch_save, seed_everything
     from fqdetr.engine.loader import make_loader
     from fqdetr.engine.qat import qat, upweighted_criterion
     from fqdetr.engine.quantize import quantize_detr
     from fqdetr.engine.setup import evaluate_splits
 
     dist.init_distributed()
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
     model, data, loaders, criterion, objectives, S, sets, canvas = prepare(args)
     allocation = read_json_option(args.allocation, "--allocation") if args.allocation else None
     qmodel = quantize_detr(model, allocation=allocation, w_bits=args.w_bits, calib_loader=loaders["train"])

@@ -132,6 +132,12 @@ def make_transforms(split, scales=DETR_SCALES, max_size=DETR_MAX_SIZE, rng=None)
     raise ValueError(f"unknown split {split!r}: expected 'train', 'val' or 'test'")
 
 
+def train_scales(image_size):
+    """Training shorter sides for evaluation size ``image_size``: 0.75x .. 1x of it in steps of
+    1/8, multiples of 8 (at least 32)."""
+    return sorted({max(32, int(round(image_size * k / 8 / 8)) * 8) for k in (6, 7, 8)})
+
+
 def max_size_for(image_size):
     """The longest side a resized image may have for shorter side ``image_size``: 4/3 of it
     (DETR's 800 / 1333 ratio, rounded). Also the default canvas of a model (PadToCanvas)."""

@@ -21,6 +21,14 @@ from fqdetr.io import atomic_torch_save  # noqa: F401  (re-exported: the engine'
 from fqdetr.models.checkpoint import read_checkpoint
 
 
+def seed_everything(seed: int) -> None:
+    """Seeds Python's ``random``, numpy's global generator and torch (CPU and CUDA): every
+    stream that capture_rng_state saves."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
 def capture_rng_state() -> Dict[str, torch.Tensor]:
     """Python, numpy, torch CPU (and CUDA when present) RNG states, all as tensors."""
     version, py_state, gauss = random.getstate()

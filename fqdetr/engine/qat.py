@@ -2,13 +2,14 @@
 optionally with the Fisher-trace regulariser on the critical objective or with the
 critical classes' loss up-weighted (the simpler alternative a user tries first)."""
 import copy
+import functools
 import logging
-import math
 
 import torch
 from tqdm import tqdm
 
 from fqdetr.engine.distributed import all_reduce_sum, world_size
+from fqdetr.engine.step import check_finite, optimizer_step
 from fqdetr.models.criterion import weighted_loss
 from fqdetr.quant import Quantizer, quantized_weights
 from fqdetr.regularize import FisherTraceRegularizer
@@ -40,6 +41,19 @@ def _cycle(loader):
         yield from loader
 
 
+def _qat_optimizer(model, lr, scale_lr_factor):
+    """(AdamW, trainable parameters, LSQ step sizes) for QAT. Step sizes: no weight decay and a
+    ``scale_lr_factor`` smaller learning rate, because Adam's steps have the size of the learning
+    rate whatever the parameter's magnitude, and weight step sizes can be ~1e-5."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    scales = [q.scale for q in model.modules() if isinstance(q, Quantizer) and q.scale.requires_grad]
+    scale_ids = {id(p) for p in scales}
+    optimizer = torch.optim.AdamW([
+        {"params": [p for p in params if id(p) not in scale_ids], "weight_decay": 1e-4},
+        {"params": scales, "weight_decay": 0.0, "lr": lr * scale_lr_factor}], lr=lr)
+    return optimizer, params, scales
+
+
 def qat(model, criterion, loader, steps, lr=5e-5, critical_objective=None, reg_lambda=0.0,
         reg_estimator="batch", reg_method="exact", clip_max_norm=0.1, scale_lr_factor=0.1, progress=True):
     """Trains the quantized ``model`` in place for ``steps`` batches of ``loader``.
@@ -50,16 +64,10 @@ def qat(model, criterion, loader, steps, lr=5e-5, critical_objective=None, reg_l
     make any fixed lambda meaningless across models, so lambda is the regulariser's weight
     relative to the task loss at the start. Returns the per-step log [{"loss", "R"}].
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    scales = [q.scale for q in model.modules() if isinstance(q, Quantizer) and q.scale.requires_grad]
-    scale_ids = {id(p) for p in scales}
-    # Step sizes: no weight decay and a 10x smaller learning rate, because Adam's steps have the
-    # size of the learning rate whatever the parameter's magnitude, and weight step sizes can be
-    # ~1e-5; each is also kept above 1e-3 of its starting value, so it can never reach zero.
-    optimizer = torch.optim.AdamW([
-        {"params": [p for p in params if id(p) not in scale_ids], "weight_decay": 1e-4},
-        {"params": scales, "weight_decay": 0.0, "lr": lr * scale_lr_factor}], lr=lr)
+    optimizer, params, scales = _qat_optimizer(model, lr, scale_lr_factor)
+    # Each step size is kept above 1e-3 of its starting value, so it can never reach zero.
     floors = [p.detach().abs() * 1e-3 for p in scales]
+    average_gradients = functools.partial(_average_gradients, params)
     reg = None
     if reg_lambda > 0:
         if critical_objective is None:
@@ -86,13 +94,8 @@ def qat(model, criterion, loader, steps, lr=5e-5, critical_objective=None, reg_l
             if reg_scale is None:  # fixed at the first step: lambda is relative to the task loss
                 reg_scale = loss.item() / max(penalty.item(), 1e-12)
             loss = loss + reg_lambda * reg_scale * penalty
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"qat: loss became {loss.item()}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        _average_gradients(params)
-        torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
-        optimizer.step()
+        check_finite(loss)
+        optimizer_step(loss, optimizer, clip_max_norm, after_backward=average_gradients)
         with torch.no_grad():
             for p, floor in zip(scales, floors):
                 torch.maximum(p, floor, out=p)

@@ -1,9 +1,8 @@
 """Shared set-up of the method's runs: data, criterion and objectives, evaluation."""
 import logging
-from pathlib import Path
 
 from fqdetr.critical import category_sets
-from fqdetr.data import CocoDetection, builtin_paths, make_builtin_dataset, make_transforms, max_size_for
+from fqdetr.data import CocoDetection, make_transforms, max_size_for, resolve_dataset, train_scales
 from fqdetr.engine.evaluate import evaluate_model
 from fqdetr.models import SetCriterion, build_criterion
 from fqdetr.sensitivity import detr_objectives
@@ -24,25 +23,28 @@ def checkpoint_geometry(path, image_size=None, default_size=128):
     return image_size, int(canvas) if canvas else max_size_for(image_size)
 
 
-def load_datasets(data_dir, image_size=128, num_train=400, num_val=200):
-    """{"train", "val"} CocoDetection of a COCO-layout folder (DIR/{train,val}/,
-    DIR/annotations/instances_{train,val}.json), resized to shorter side ``image_size``; the
-    built-in dataset is generated there first when the folder has none."""
-    data_dir = Path(data_dir)
-    if not (data_dir / "annotations" / "instances_val.json").exists():
-        log.info("generating the built-in dataset in %s (%d train / %d val images)", data_dir, num_train, num_val)
-        # The generator's own image size (what the shipped model was trained on); ``image_size``
-        # is the resize applied when reading.
-        make_builtin_dataset(data_dir, num_train=num_train, num_val=num_val, seed=0)
-    tf = make_transforms("val", scales=[image_size], max_size=max_size_for(image_size))
-    return {split: CocoDetection(*builtin_paths(data_dir, split), transforms=tf) for split in ("train", "val")}
+def load_datasets(data_dir, image_size=128, num_train=400, num_val=200, class_names=None, augment_train=False):
+    """{"train", "val"} CocoDetection of the dataset ``data_dir`` names (fqdetr.data.resolve_dataset:
+    a built-in or COCO-2017 layout folder, or ``builtin``, generated with ``num_train`` /
+    ``num_val`` images when missing), resized to shorter side ``image_size``, labels in the order
+    of ``class_names`` (a checkpoint's, fqdetr.data.class_names_of) when given.
+    augment_train: the train split gets DETR's training transforms (random flips, shorter side
+    at random among train_scales(image_size)) instead of the evaluation resize."""
+    paths = resolve_dataset(data_dir, num_train=num_train, num_val=num_val)
+    max_size = max_size_for(image_size)
+    tf = {split: make_transforms("val", scales=[image_size], max_size=max_size) for split in paths}
+    if augment_train:
+        tf["train"] = make_transforms("train", scales=train_scales(image_size), max_size=max_size)
+    return {split: CocoDetection(*paths[split], transforms=tf[split], class_names=class_names) for split in paths}
 
 
 def critical_setup(model, dataset, critical="person", alpha=1.0):
     """(criterion, objectives {"overall", "critical", "mix"}, critical labels S, critical sets
     for evaluation: the chosen one plus every supercategory)."""
     cats = dataset.coco.loadCats(dataset.cat_ids)
-    S = category_sets(cats, [critical])[critical]
+    # "a+b" joins members into one set; digits are category ids (as fqdetr eval reads them).
+    members = [int(m) if m.strip().isdigit() else m.strip() for m in critical.split("+")]
+    S = next(iter(category_sets(cats, [members]).values()))
     sets = {critical: critical}
     sets.update({s: s for s in sorted({c["supercategory"] for c in cats})})
     config = getattr(model, "config", {})

@@ -16,9 +16,7 @@ RNG state and the world size; ``resume`` loads the same file on every rank.
 """
 import json
 import logging
-import math
 import os
-import random
 import re
 import sys
 import time
@@ -26,15 +24,15 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from fqdetr.engine import distributed as dist_utils
 from fqdetr.engine.checkpoint import (capture_rng_state, load_training_checkpoint, restore_rng_state,
-                                      save_training_checkpoint)
+                                      save_training_checkpoint, seed_everything)
 from fqdetr.engine.evaluate import evaluate_model
+from fqdetr.engine.step import check_finite, optimizer_step
 from fqdetr.models import save_detr_checkpoint, weighted_loss
 
 log = logging.getLogger(__name__)
@@ -73,19 +71,8 @@ def train_step(model, criterion, batch, optimizer, clip_max_norm: float, device)
     images, mask, targets = _to_device(*batch, device)
     loss_dict = criterion(model((images, mask)), targets)
     loss = weighted_loss(loss_dict, criterion.weight_dict)
-    bad = not math.isfinite(loss.item())
-    if dist_utils.world_size() > 1:  # every rank stops together (none waits in backward's all-reduce)
-        bad = dist_utils.all_reduce_sum(torch.tensor([float(bad)], device=loss.device)).item() > 0
-    if bad:
-        raise FloatingPointError(f"loss is {loss.item()} (on rank {dist_utils.rank()}; non-finite on at least one "
-                                 f"rank): {({k: v.item() for k, v in loss_dict.items()})}")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    max_norm = clip_max_norm if clip_max_norm and clip_max_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    optimizer.step()
-    out = {"loss": loss.item(), "grad_norm": float(grad_norm)}
+    check_finite(loss, loss_dict)
+    out = {"loss": loss.item(), "grad_norm": optimizer_step(loss, optimizer, clip_max_norm)}
     # final-layer terms only; the auxiliary ones end in "_<layer>"
     out.update({k: v.item() for k, v in loss_dict.items() if not k.rsplit("_", 1)[-1].isdigit()})
     return out
@@ -121,67 +108,81 @@ def _mean(records: Sequence[Mapping[str, float]]) -> Dict[str, float]:
     return {k: sum(r[k] for r in records) / len(records) for k in keys}
 
 
+@dataclass
+class TrainConfig:
+    """How ``train_detr`` trains (DETR's recipe) and where it writes.
+
+    lr / lr_backbone / weight_decay: AdamW (backbone group at lr_backbone); lr_drop: StepLR
+    period in epochs (default: 2/3 of ``epochs``, or the resumed checkpoint's); clip_max_norm:
+    gradient clipping (0 = off). out_dir: checkpoint.pth after every epoch and every
+    ``checkpoint_every`` steps, best.pth on the best val mAP, log.jsonl. resume: a
+    checkpoint.pth to continue from (model, optimizer, scheduler, RNG, position in the
+    epoch). max_steps: stop after this many optimizer steps in total (a checkpoint is written
+    there). eval_every: validate every this many epochs and after the last. checkpoint_extra:
+    plain data stored in every checkpoint (e.g. the categories, the canvas). critical_sets:
+    passed to the evaluation. on_epoch_end: called with each epoch's summary. ddp_kwargs: go to
+    DistributedDataParallel (e.g. find_unused_parameters=True).
+    """
+
+    epochs: int
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-4
+    lr_drop: Optional[int] = None
+    clip_max_norm: float = 0.1
+    out_dir: Optional[str] = None
+    eval_every: int = 1
+    resume: Optional[str] = None
+    max_steps: Optional[int] = None
+    checkpoint_every: Optional[int] = None
+    log_every: int = 20
+    device: Any = "cpu"
+    progress: bool = True
+    checkpoint_extra: Optional[Mapping] = None
+    critical_sets: Any = None
+    on_epoch_end: Optional[Callable[[Dict], None]] = None
+    ddp_kwargs: Optional[Mapping] = None
+
+
 def train_detr(model: nn.Module, criterion: nn.Module, train_loader, val_loader=None, *,
-               epochs: int, lr: float = 1e-4, lr_backbone: float = 1e-5, weight_decay: float = 1e-4,
-               lr_drop: Optional[int] = None, clip_max_norm: float = 0.1, out_dir: Optional[str] = None,
-               eval_every: int = 1, resume: Optional[str] = None, max_steps: Optional[int] = None,
-               checkpoint_every: Optional[int] = None, log_every: int = 20, device="cpu",
-               progress: bool = True, checkpoint_extra: Optional[Mapping] = None,
-               critical_sets=None, on_epoch_end: Optional[Callable[[Dict], None]] = None,
-               ddp_kwargs: Optional[Mapping] = None) -> Dict[str, Any]:
-    """Train ``model`` with DETR's recipe; returns {"step", "epoch", "losses" (per step),
+               config: TrainConfig) -> Dict[str, Any]:
+    """Train ``model`` as ``config`` says; returns {"step", "epoch", "losses" (per step),
     "epochs" (per-epoch summaries), "best" (best val result or None)}.
 
-    lr / lr_backbone / weight_decay: AdamW (backbone group at lr_backbone); lr_drop:
-    StepLR period in epochs (default: 2/3 of ``epochs``, or the resumed checkpoint's); clip_max_norm: gradient
-    clipping (0 = off). out_dir: checkpoint.pth after every epoch and every
-    ``checkpoint_every`` steps, best.pth on the best val mAP, log.jsonl. resume: a
-    checkpoint.pth to continue from (model, optimizer, scheduler, RNG, position in
-    the epoch). max_steps: stop after this many optimizer steps in total (a
-    checkpoint is written there). val_loader: evaluated every ``eval_every`` epochs
-    and after the last (its dataset must be a CocoDetection, possibly a Subset).
-    checkpoint_extra: plain data stored in every checkpoint (e.g. the categories).
+    val_loader: evaluated every ``config.eval_every`` epochs and after the last (its dataset
+    must be a CocoDetection, possibly a Subset).
 
-    Distributed (torchrun, world size > 1): ``model`` is wrapped in DistributedDataParallel
-    (``ddp_kwargs`` go to it, e.g. find_unused_parameters=True); ``train_loader`` should be
-    sharded (make_loader(shard=True)), its batch size is per process. "losses" and the logged
-    values are means over the ranks; only rank 0 writes files and evaluates (on every rank
-    the returned "best" is rank 0's).
+    Distributed (torchrun, world size > 1): ``model`` is wrapped in DistributedDataParallel;
+    ``train_loader`` should be sharded (make_loader(shard=True)), its batch size is per process.
+    "losses" and the logged values are means over the ranks; only rank 0 writes files and
+    evaluates (on every rank the returned "best" is rank 0's).
     """
-    model.to(device)
-    criterion.to(device)
-    optimizer = build_optimizer(model, lr, lr_backbone, weight_decay)
-    scheduler = build_scheduler(optimizer, lr_drop or max(1, (2 * epochs) // 3))
+    cfg = config
+    model.to(cfg.device)
+    criterion.to(cfg.device)
+    optimizer = build_optimizer(model, cfg.lr, cfg.lr_backbone, cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.lr_drop or max(1, (2 * cfg.epochs) // 3))
     state = {"epoch": 0, "step": 0, "epoch_step": 0, "best": None}
     world, main = dist_utils.world_size(), dist_utils.is_main()
-    if resume:
-        ckpt = load_training_checkpoint(resume, model, optimizer, scheduler)
-        if lr_drop:  # an explicit period replaces the checkpoint's
-            _replace_lr_period(scheduler, lr_drop)
-        state.update(epoch=ckpt["epoch"], step=ckpt["step"], epoch_step=ckpt["epoch_step"],
-                     best=ckpt.get("best"))
-        _restore_rank_rng(ckpt, resume, world)
-        log.info("resumed from %s at epoch %d, step %d (%d into the epoch)", resume,
-                 state["epoch"], state["step"], state["epoch_step"])
+    if cfg.resume:
+        _resume(cfg, model, optimizer, scheduler, state, world)
     if world > 1 and getattr(getattr(train_loader, "sampler", None), "world", 1) != world:
         warnings.warn("distributed training with a loader that does not shard the data: every rank "
                       "sees every image (use make_loader(..., shard=True))")
-    if out_dir and main:
-        os.makedirs(out_dir, exist_ok=True)
+    if cfg.out_dir and main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
     # Single process: train_model is model itself. Wrapped after loading the checkpoint (DDP
     # broadcasts rank 0's parameters and buffers when it is built); saved and evaluated unwrapped.
-    train_model = dist_utils.wrap_ddp(model, **dict(ddp_kwargs or {}))
-    ctx = _Context(model, criterion, optimizer, scheduler, train_loader, val_loader, out_dir,
-                   clip_max_norm, device, progress and main, log_every, checkpoint_every, max_steps,
-                   checkpoint_extra, critical_sets, _Logger(out_dir if main else None), train_model,
-                   world, main)
+    train_model = dist_utils.wrap_ddp(model, **dict(cfg.ddp_kwargs or {}))
+    ctx = _Context(cfg, model, criterion, optimizer, scheduler, train_loader, val_loader,
+                   _Logger(cfg.out_dir if main else None), train_model, world, main)
     history = {"losses": [], "epochs": []}
-    while state["epoch"] < epochs and not ctx.done(state):
+    while state["epoch"] < cfg.epochs and not ctx.done(state):
         summary = _run_epoch(ctx, state, history)
         if summary is None:  # stopped by max_steps inside the epoch
             break
-        last = state["epoch"] == epochs
-        if val_loader is not None and (last or state["epoch"] % max(1, eval_every) == 0):
+        last = state["epoch"] == cfg.epochs
+        if val_loader is not None and (last or state["epoch"] % max(1, cfg.eval_every) == 0):
             if main:
                 _validate(ctx, state, summary)
             if world > 1:  # the others wait for rank 0's evaluation, then share its best
@@ -189,45 +190,44 @@ def train_detr(model: nn.Module, criterion: nn.Module, train_loader, val_loader=
         history["epochs"].append(summary)
         ctx.logger(summary)
         ctx.save(state)
-        if on_epoch_end:
-            on_epoch_end(summary)
+        if cfg.on_epoch_end:
+            cfg.on_epoch_end(summary)
     return {"step": state["step"], "epoch": state["epoch"], "best": state["best"], **history}
+
+
+def _resume(cfg: TrainConfig, model, optimizer, scheduler, state: Dict, world: int) -> None:
+    """Load cfg.resume into the model, optimizer, scheduler, RNG and ``state``."""
+    ckpt = load_training_checkpoint(cfg.resume, model, optimizer, scheduler)
+    if cfg.lr_drop:  # an explicit period replaces the checkpoint's
+        _replace_lr_period(scheduler, cfg.lr_drop)
+    state.update(epoch=ckpt["epoch"], step=ckpt["step"], epoch_step=ckpt["epoch_step"], best=ckpt.get("best"))
+    _restore_rank_rng(ckpt, cfg.resume, world)
+    log.info("resumed from %s at epoch %d, step %d (%d into the epoch)", cfg.resume,
+             state["epoch"], state["step"], state["epoch_step"])
 
 
 @dataclass
 class _Context:
     """What the epoch loop needs besides the progress state."""
 
+    config: TrainConfig
     model: nn.Module
     criterion: nn.Module
     optimizer: Any
     scheduler: Any
     train_loader: Any
     val_loader: Any
-    out_dir: Optional[str]
-    clip_max_norm: float
-    device: Any
-    progress: bool
-    log_every: int
-    checkpoint_every: Optional[int]
-    max_steps: Optional[int]
-    extra: Optional[Mapping]
-    critical_sets: Any
     logger: Callable[[Mapping], None]
-    train_model: nn.Module = None  # the model, or its DistributedDataParallel wrapper
+    train_model: nn.Module  # the model, or its DistributedDataParallel wrapper
     world: int = 1
     main: bool = True  # rank 0: writes files and evaluates
 
-    def __post_init__(self):
-        if self.train_model is None:
-            self.train_model = self.model
-
     def done(self, state) -> bool:
-        return self.max_steps is not None and state["step"] >= self.max_steps
+        return self.config.max_steps is not None and state["step"] >= self.config.max_steps
 
     def save(self, state) -> None:
         """checkpoint.pth from rank 0; every rank calls it (their RNG states are gathered)."""
-        if not self.out_dir:
+        if not self.config.out_dir:
             return
         rank_rng = None
         if self.world > 1:
@@ -235,10 +235,10 @@ class _Context:
             torch.distributed.all_gather_object(rank_rng, capture_rng_state())
         if not self.main:
             return
-        extra = dict(self.extra or {}, best=state["best"])
+        extra = dict(self.config.checkpoint_extra or {}, best=state["best"])
         if rank_rng is not None:
             extra.update(world_size=self.world, rng_ranks=rank_rng)
-        save_training_checkpoint(os.path.join(self.out_dir, "checkpoint.pth"), self.model,
+        save_training_checkpoint(os.path.join(self.config.out_dir, "checkpoint.pth"), self.model,
                                  self.optimizer, self.scheduler, epoch=state["epoch"],
                                  step=state["step"], epoch_step=state["epoch_step"], extra=extra)
 
@@ -254,9 +254,7 @@ def _restore_rank_rng(ckpt: Mapping, path, world: int) -> None:
                           f"seen twice or not at all")
         if world > 1 and dist_utils.rank() > 0:
             # no saved stream for this rank: derive a distinct one (not bitwise resumable)
-            torch.manual_seed(int(ckpt["step"]) * 1000003 + dist_utils.rank())
-            random.seed(int(ckpt["step"]) * 1000003 + dist_utils.rank())
-            np.random.seed((int(ckpt["step"]) * 1000003 + dist_utils.rank()) % 2 ** 32)
+            seed_everything(int(ckpt["step"]) * 1000003 + dist_utils.rank())
         return
     if world > 1 and "rng_ranks" in ckpt:
         restore_rng_state(ckpt["rng_ranks"][dist_utils.rank()])
@@ -285,24 +283,25 @@ def _run_epoch(ctx: _Context, state: Dict, history: Dict) -> Optional[Dict]:
     lr = ctx.optimizer.param_groups[0]["lr"]
     records, t0 = [], time.perf_counter()
     # Redrawn every 30 s only when stderr is a log file rather than a terminal.
-    bar = tqdm(ctx.train_loader, desc=f"epoch {epoch}", disable=not ctx.progress, leave=False,
+    bar = tqdm(ctx.train_loader, desc=f"epoch {epoch}", disable=not (ctx.config.progress and ctx.main), leave=False,
                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)
     for batch in bar:
-        rec = train_step(ctx.train_model, ctx.criterion, batch, ctx.optimizer, ctx.clip_max_norm, ctx.device)
+        rec = train_step(ctx.train_model, ctx.criterion, batch, ctx.optimizer, ctx.config.clip_max_norm,
+                         ctx.config.device)
         if ctx.world > 1:
-            rec = _mean_over_ranks(rec, ctx.device)
+            rec = _mean_over_ranks(rec, ctx.config.device)
         state["step"] += 1
         state["epoch_step"] += 1
         records.append(rec)
         history["losses"].append(rec["loss"])
         bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.1e}")
-        if ctx.log_every and state["step"] % ctx.log_every == 0:
+        if ctx.config.log_every and state["step"] % ctx.config.log_every == 0:
             ctx.logger({"type": "step", "epoch": epoch, "step": state["step"], "lr": lr, **rec})
         if ctx.done(state):
             ctx.save(state)
             bar.close()
             return None
-        if ctx.checkpoint_every and state["step"] % ctx.checkpoint_every == 0:
+        if ctx.config.checkpoint_every and state["step"] % ctx.config.checkpoint_every == 0:
             ctx.save(state)
     bar.close()
     with warnings.catch_warnings():  # a run resumed at the very end of an epoch steps no batch
@@ -332,8 +331,8 @@ def _mean_over_ranks(rec: Mapping[str, float], device) -> Dict[str, float]:
 def _validate(ctx: _Context, state: Dict, summary: Dict) -> None:
     """Evaluate on the val loader, record AP in ``summary`` and keep best.pth."""
     t0 = time.perf_counter()
-    result = evaluate_model(ctx.model, ctx.val_loader, device=ctx.device, progress=ctx.progress,
-                            critical_sets=ctx.critical_sets)["result"]
+    result = evaluate_model(ctx.model, ctx.val_loader, device=ctx.config.device, progress=ctx.config.progress,
+                            critical_sets=ctx.config.critical_sets)["result"]
     overall = result["overall"]
     summary.update(val_AP=overall["AP"], val_AP50=overall["AP50"], val_AP75=overall["AP75"],
                    val_time_s=round(time.perf_counter() - t0, 2))
@@ -343,7 +342,7 @@ def _validate(ctx: _Context, state: Dict, summary: Dict) -> None:
     if best is None or overall["AP"] > best["AP"]:
         state["best"] = {"epoch": state["epoch"] - 1, "step": state["step"], "AP": overall["AP"],
                          "AP50": overall["AP50"], "AP75": overall["AP75"]}
-        if ctx.out_dir:
-            save_detr_checkpoint(ctx.model, os.path.join(ctx.out_dir, "best.pth"),
-                                 extra=dict(ctx.extra or {}, val=state["best"]))
+        if ctx.config.out_dir:
+            save_detr_checkpoint(ctx.model, os.path.join(ctx.config.out_dir, "best.pth"),
+                                 extra=dict(ctx.config.checkpoint_extra or {}, val=state["best"]))
     ctx.model.train()

@@ -13,11 +13,14 @@ from pathlib import Path
 import torch
 
 from fqdetr.allocate import allocate_bits, sensitivities
+from fqdetr.data import class_names_of
+from fqdetr.engine.checkpoint import seed_everything
 from fqdetr.engine.loader import make_loader
 from fqdetr.engine.qat import qat, upweighted_criterion
 from fqdetr.engine.quantize import fixed_bounds, layer_weights, quantize_detr
 from fqdetr.engine.setup import checkpoint_geometry, critical_setup, evaluate_splits, load_datasets
 from fqdetr.models import load_detr_checkpoint
+from fqdetr.models.checkpoint import read_checkpoint
 from fqdetr.report import write_method_report
 from fqdetr.sensitivity import fisher_traces
 
@@ -28,11 +31,12 @@ def run_demo(out_dir, model_path, data_dir, critical="person", budget_avg_bits=4
              fisher_images=48, eval_images=120, batch_size=8, reg_lambda=0.05, upweight=3.0, image_size=None,
              seed=0):
     """Runs the whole comparison and writes the report; returns the results dict."""
-    torch.manual_seed(seed)
+    seed_everything(seed)
     start, out_dir = time.time(), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     image_size, canvas = checkpoint_geometry(model_path, image_size)
-    data = load_datasets(data_dir, image_size, max(eval_images, fisher_images, 400), eval_images)
+    data = load_datasets(data_dir, image_size, max(eval_images, fisher_images, 400), eval_images,
+                         class_names=class_names_of(read_checkpoint(model_path)))
     train_subset = torch.utils.data.Subset(data["train"], range(min(eval_images, len(data["train"]))))
     loaders = {"val": make_loader(data["val"], batch_size, canvas, shuffle=False),
                "train": make_loader(train_subset, batch_size, canvas, shuffle=False)}
@@ -66,7 +70,7 @@ def run_demo(out_dir, model_path, data_dir, critical="person", budget_avg_bits=4
                 "qat + critical up-weighted": {"criterion": upweighted_criterion(criterion, S, upweight)}}
     for name, opts in variants.items():
         q = copy.deepcopy(start_point)
-        torch.manual_seed(seed)
+        seed_everything(seed)
         history = qat(q, opts.get("criterion", criterion), qat_loader, qat_steps,
                       critical_objective=objectives["critical"], reg_lambda=opts.get("reg_lambda", 0.0),
                       progress=True)

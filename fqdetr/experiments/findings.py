@@ -14,11 +14,14 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 from fqdetr.io import atomic_write_text
+from fqdetr.data import class_names_of
+from fqdetr.engine.checkpoint import seed_everything
 from fqdetr.engine.loader import make_loader
 from fqdetr.engine.quantize import quantize_detr
 from fqdetr.experiments.demo import run_demo
 from fqdetr.engine.setup import checkpoint_geometry, critical_setup, evaluate_splits, load_datasets
 from fqdetr.models import load_detr_checkpoint
+from fqdetr.models.checkpoint import read_checkpoint
 from fqdetr.quant import set_fake_quant
 from fqdetr.sensitivity import fisher_traces
 
@@ -120,10 +123,11 @@ def reproduce(out_dir, model_path, data_dir, seeds=(0, 1, 2), critical="person",
             continue
         demo = run_demo(seed_dir, model_path, data_dir, critical=critical, qat_steps=qat_steps,
                         fisher_images=fisher_images, eval_images=eval_images, seed=seed, **demo_kwargs)
-        torch.manual_seed(seed)
+        seed_everything(seed)
         model = load_detr_checkpoint(model_path).eval()
         image_size, canvas = checkpoint_geometry(model_path)
-        data = load_datasets(data_dir, image_size, max(eval_images, 400), eval_images)
+        data = load_datasets(data_dir, image_size, max(eval_images, 400), eval_images,
+                             class_names=class_names_of(read_checkpoint(model_path)))
         loaders = {"val": make_loader(data["val"], 8, canvas, shuffle=False)}
         offset = torch.utils.data.Subset(data["train"], range(seed * 32, len(data["train"])))
         f1 = sensitivity_vs_drop(model, {"train": offset, "val": data["val"]}, loaders, canvas)
