@@ -69,6 +69,9 @@ setup(
     version="0.1.0",
     description="Custom-kernel quantization engine and Fisher-aware quantization for DETR detectors",
     packages=find_packages(include=["fqkernels", "fqkernels.*", "fqdetr", "fqdetr.*"]),
+    # The shipped checkpoints (fqdetr/shipped_models links to models/), so that the commands'
+    # default --model works after a plain 'pip install .' too.
+    package_data={"fqdetr": ["shipped_models/*.pth"]},
     ext_modules=[CMakeExtension("fqkernels._cpu")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",

@@ -12,7 +12,9 @@ from typing import Any, NamedTuple
 DATA_HELP = (f"dataset folder: DIR/{{train,val}}/ + DIR/annotations/instances_{{train,val}}.json, or COCO "
              f"2017's DIR/{{train,val}}2017/ + DIR/annotations/instances_{{train,val}}2017.json; '{BUILTIN}' or "
              f"the default {DEFAULT_BUILTIN_DIR} generate the built-in dataset there when missing")
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "detr_tiny_builtin.pth"
+# Inside the package, so that it is installed with it (setup.py package_data); in the source tree
+# fqdetr/shipped_models links to models/.
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "shipped_models" / "detr_tiny_builtin.pth"
 
 
 def add_common(p, data=True):
