@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 
+from fqdetr.io import atomic_torch_save
 from fqdetr.models import (DEFORMABLE_PRESETS, DETR, DeformableDETR, FocalHungarianMatcher, MSDeformAttn,
                            TopKPostProcess, build_deformable_criterion, build_deformable_detr, build_detr,
                            checkpoint_family, infer_deformable_config, load_detr_checkpoint,
                            ms_deform_attn_sample, save_detr_checkpoint, sigmoid_focal_loss, weighted_loss)
-from fqdetr.io import atomic_torch_save
+from fqdetr.models.deformable.transformer import encoder_proposals
 
 ODD_SHAPES = [(5, 7), (3, 2), (1, 1)]
 
@@ -105,6 +106,35 @@ def test_msdeformattn_init_and_padding_mask():
     changed[:, 7] -= 10.0
     torch.testing.assert_close(attn(query, ref, src, shapes, mask), attn(query, ref, changed, shapes, mask))
     assert not torch.allclose(attn(query, ref, src, shapes), attn(query, ref, changed, shapes))
+
+
+def test_sampling_locations_for_points_and_boxes():
+    attn = MSDeformAttn(d_model=8, n_levels=2, n_heads=2, n_points=2)
+    query = torch.randn(1, 1, 8)
+    offsets = attn.sampling_offsets(query).view(1, 1, 2, 2, 2, 2)
+    shapes = [(4, 8), (2, 3)]
+    point = torch.tensor([0.3, 0.6]).expand(1, 1, 2, 2)
+    got = attn.sampling_locations(query, point, shapes)  # offsets in pixels of each level
+    torch.testing.assert_close(got[0, 0, :, 1, :, 0], 0.3 + offsets[0, 0, :, 1, :, 0] / 3)
+    torch.testing.assert_close(got[0, 0, :, 0, :, 1], 0.6 + offsets[0, 0, :, 0, :, 1] / 4)
+    box = torch.tensor([0.3, 0.6, 0.2, 0.4]).expand(1, 1, 2, 4)
+    got = attn.sampling_locations(query, box, shapes)  # offsets in half box sizes / points
+    torch.testing.assert_close(got[0, 0, ..., 0], 0.3 + offsets[0, 0, ..., 0] / 2 * 0.2 * 0.5)
+    torch.testing.assert_close(got[0, 0, ..., 1], 0.6 + offsets[0, 0, ..., 1] / 2 * 0.4 * 0.5)
+
+
+def test_two_stage_proposals_skip_padding_and_the_border():
+    shapes = [(4, 4), (2, 2)]
+    mask = torch.zeros(1, 20, dtype=torch.bool)
+    mask[0, [3, 7, 11, 15]] = True  # level 0: last column is padding
+    memory = torch.ones(1, 20, 3)
+    kept, logits = encoder_proposals(memory, mask, shapes)
+    unusable = torch.isinf(logits).any(-1)[0]
+    assert unusable[[3, 7, 11, 15]].all() and not kept[0, [3, 7, 11, 15]].any()
+    boxes = logits[0, ~unusable].sigmoid()
+    torch.testing.assert_close(boxes[0], torch.tensor([0.5 / 3, 0.5 / 4, 0.05, 0.05]))  # valid width 3
+    torch.testing.assert_close(logits[0, 16].sigmoid(), torch.tensor([0.25, 0.25, 0.1, 0.1]))
+    assert torch.equal(kept[0, ~unusable], memory[0, ~unusable])
 
 
 OFFICIAL_SHAPES = {
