@@ -1,6 +1,7 @@
 """Atomic file writes: nothing already written (a checkpoint, a report) is lost when a run
 dies mid-write. Each write goes to a unique temporary file in the destination's folder,
 is flushed to disk, then renamed over the destination (atomic on POSIX)."""
+import json
 import os
 import tempfile
 
@@ -38,3 +39,21 @@ def atomic_torch_save(obj, path):
 def atomic_write_text(path, text):
     """Writes ``text`` to ``path`` atomically."""
     return atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def _json_default(x):
+    """numpy scalars / arrays and tensors as numbers / lists, for json.dumps."""
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    raise TypeError(f"Object of type {type(x).__name__} is not JSON serializable")
+
+
+def write_json(obj, path, indent=2):
+    """Writes ``obj`` as JSON to ``path`` atomically (numpy values and tensors as numbers / lists);
+    returns the path. The one JSON writer of fqdetr."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, default=_json_default))
+
+
+def atomic_savefig(fig, path, dpi=100):
+    """A matplotlib figure as PNG at ``path``, atomically."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))

@@ -1,7 +1,6 @@
 """The method's report: one table (overall mAP, critical mAP per supercategory, train/val
 critical gap) and PNG plots (per-layer Fisher traces with the chosen bits; per-group mAP
 of each method)."""
-import json
 from pathlib import Path
 
 import matplotlib
@@ -9,11 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fqdetr.io import atomic_write_text  # noqa: E402
-
-
-def _pct(x):
-    return "n/a" if x is None else f"{100 * x:.1f}"
+from fqdetr.evaluation.report import format_ap  # noqa: E402
+from fqdetr.io import atomic_savefig, atomic_write_text, write_json  # noqa: E402
 
 
 def method_table(results):
@@ -28,8 +24,8 @@ def method_table(results):
         tr, va = r["train"]["critical"].get(critical), r["val"]["critical"].get(critical)
         if tr is not None and va is not None:
             gap = tr - va
-        cells = [name, _pct(r["val"]["mAP"]), _pct(r["train"]["mAP"])] + \
-            [_pct(r["val"]["critical"].get(g)) for g in groups] + [_pct(gap)]
+        cells = [name, format_ap(r["val"]["mAP"]), format_ap(r["train"]["mAP"])] + \
+            [format_ap(r["val"]["critical"].get(g)) for g in groups] + [format_ap(gap)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -48,7 +44,7 @@ def plot_layers(results, path):
     ax2.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
     ax2.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -65,7 +61,7 @@ def plot_groups(results, path):
     ax.set_ylabel("val AP@[.5:.95]")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -73,7 +69,7 @@ def write_method_report(results, out_dir):
     """Writes results.json, report.md, layers.png and groups.png into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2, default=float))
+    write_json(results, out_dir / "results.json")
     plot_layers(results, out_dir / "layers.png")
     plot_groups(results, out_dir / "groups.png")
     cfg = results["config"]

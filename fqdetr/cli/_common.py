@@ -144,12 +144,6 @@ def read_json_option(path, option):
     return data
 
 
-def write_json(obj, path):
-    from fqdetr.io import atomic_write_text
-
-    return atomic_write_text(path, json.dumps(obj, indent=2))
-
-
 class Prepared(NamedTuple):
     """What ``prepare`` sets up for a command; ``canvas``: the model's padding canvas, for any
     further fqdetr.engine.loader.make_loader."""

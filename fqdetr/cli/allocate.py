@@ -1,5 +1,5 @@
 """``fqdetr allocate``: mixed-precision bit allocation by integer linear programming."""
-from fqdetr.cli._common import add_common, bit_width, bit_widths, positive_float, read_json_option, write_json
+from fqdetr.cli._common import add_common, bit_width, bit_widths, positive_float, read_json_option
 
 
 def add_parser(subparsers):
@@ -23,6 +23,7 @@ def add_parser(subparsers):
 
 def run(args):
     from fqdetr.engine.quantize import fixed_bounds, layer_weights, quantize_detr
+    from fqdetr.io import write_json
     from fqdetr.models import load_detr_checkpoint
 
     qmodel = quantize_detr(load_detr_checkpoint(args.model))

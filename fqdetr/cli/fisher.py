@@ -1,5 +1,5 @@
 """``fqdetr fisher``: per-layer Fisher traces of the overall / critical / mixed objectives."""
-from fqdetr.cli._common import add_common, bit_width, non_negative_float, positive_int, prepare, write_json
+from fqdetr.cli._common import add_common, bit_width, non_negative_float, positive_int, prepare
 
 
 def add_parser(subparsers):
@@ -16,6 +16,10 @@ def add_parser(subparsers):
     p.add_argument("--images", type=positive_int, default=64, help="training images to average over (default 64)")
     p.add_argument("--w-bits", type=bit_width, default=4, help="weight bits of the model the Fisher is taken on")
     p.add_argument("--hutchinson", action="store_true", help="also estimate Hessian traces (slow; 'hessian' key)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads per process (default: torch's; torchrun gives each process 1). A quantized "
+                        "model's traces move by a few percent with it (docs/METHOD.md section 7); the same value "
+                        "reproduces a run bit for bit")
     p.set_defaults(func=run)
 
 
@@ -25,8 +29,11 @@ def run(args):
     from fqdetr.engine import distributed as dist
     from fqdetr.engine.loader import make_loader
     from fqdetr.engine.quantize import quantize_detr
+    from fqdetr.io import write_json
     from fqdetr.sensitivity import fisher_traces, hutchinson_traces
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dist.init_distributed()
     model, data, loaders, criterion, objectives, S, _, canvas = prepare(args, train_images=max(args.images, 400))
     images = torch.utils.data.Subset(data["train"], range(args.images))
@@ -39,7 +46,7 @@ def run(args):
     if args.hutchinson:
         out["hessian"] = hutchinson_traces(qmodel, loader, objectives["overall"])
     out["_meta"] = {"images": args.images, "critical": args.critical, "critical_labels": S, "w_bits": args.w_bits,
-                    "processes": dist.world_size()}
+                    "processes": dist.world_size(), "threads": torch.get_num_threads()}
     if dist.is_main():
         print(f"wrote {write_json(out, f'{args.out}/fisher.json')}")
     dist.cleanup()

@@ -1,5 +1,5 @@
 """``fqdetr ptq``: post-training quantization (calibrate, apply bits, evaluate, export)."""
-from fqdetr.cli._common import add_common, bit_width, positive_int, prepare, read_json_option, write_json
+from fqdetr.cli._common import add_common, bit_width, positive_int, prepare, read_json_option
 
 
 def add_parser(subparsers):
@@ -19,9 +19,9 @@ def add_parser(subparsers):
 
 
 def run(args):
-    from fqdetr.engine.checkpoint import atomic_torch_save
     from fqdetr.engine.quantize import quantize_detr
     from fqdetr.engine.setup import evaluate_splits
+    from fqdetr.io import atomic_torch_save, write_json
     from fqdetr.quant import calibrate, save_quantized
 
     model, data, loaders, _, _, _, sets, _ = prepare(args)

@@ -1,6 +1,6 @@
 """``fqdetr qat``: quantization-aware training, optionally Fisher-trace regularised."""
 from fqdetr.cli._common import (add_common, bit_width, non_negative_float, positive_float, positive_int, prepare,
-                               read_json_option, write_json)
+                               read_json_option)
 
 
 def add_parser(subparsers):
@@ -26,11 +26,12 @@ def add_parser(subparsers):
 
 def run(args):
     from fqdetr.engine import distributed as dist
-    from fqdetr.engine.checkpoint import atomic_torch_save, seed_everything
+    from fqdetr.engine.checkpoint import seed_everything
     from fqdetr.engine.loader import make_loader
     from fqdetr.engine.qat import qat, upweighted_criterion
     from fqdetr.engine.quantize import quantize_detr
     from fqdetr.engine.setup import evaluate_splits
+    from fqdetr.io import atomic_torch_save, write_json
 
     dist.init_distributed()
     seed_everything(args.seed)

@@ -25,11 +25,12 @@ def run(args):
     from pathlib import Path
 
     from fqdetr.experiments.findings import render_findings, reproduce
+    from fqdetr.io import atomic_write_text
 
     seeds = [int(s) for s in args.seeds.split(",")]
     summary = reproduce(args.out, args.model, args.data, seeds=seeds, critical=args.critical,
                         qat_steps=args.qat_steps, fisher_images=args.fisher_images, eval_images=args.eval_images)
-    path = Path(args.out) / "findings.md"
-    path.write_text(render_findings(summary, args.critical, seeds))
-    print(path.read_text())
+    text = render_findings(summary, args.critical, seeds)
+    atomic_write_text(Path(args.out) / "findings.md", text)
+    print(text)
     return 0

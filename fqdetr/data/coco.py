@@ -16,22 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 
-from fqdetr.io import atomic_write_text
-
 log = logging.getLogger(__name__)
-
-
-def _json_default(x):
-    """numpy scalars/arrays and tensors (as lists) for json.dump."""
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    raise TypeError(f"Object of type {type(x).__name__} is not JSON serializable")
-
-
-def write_json_atomic(obj, path, indent=None):
-    """Write ``obj`` as json to ``path`` via a temp file + os.replace, so a reader
-    never sees a half-written file."""
-    atomic_write_text(path, json.dumps(obj, indent=indent, default=_json_default))
 
 
 def _check_list_of_dicts(data, key, where, required):

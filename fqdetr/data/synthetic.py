@@ -39,7 +39,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fqdetr.data.coco import write_json_atomic
+from fqdetr.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +333,7 @@ def make_builtin_dataset(out_dir, num_train=2000, num_val=500, image_size=128, s
     for split, num in (("train", num_train), ("val", num_val)):
         data = _write_split(out_dir, split, num, seed, image_size, progress)
         img_folder, ann_file = builtin_paths(out_dir, split)
-        write_json_atomic(data, ann_file)
+        write_json(data, ann_file, indent=None)
         out[split] = {"img_folder": img_folder, "ann_file": ann_file,
                       "num_images": len(data["images"]), "num_annotations": len(data["annotations"])}
         log.info("%s: %d images, %d boxes -> %s", split, len(data["images"]),

@@ -1,4 +1,5 @@
-"""COCO box evaluation: overall, per-category and critical-set AP via pycocotools.
+"""COCO box evaluation pieces over pycocotools: critical sets, detections, COCOeval runs and
+per-category AP (fqdetr.evaluation.detections puts them together).
 
 A critical set S (METHOD.md section 1) is evaluated by COCOeval itself with
 ``params.catIds = S`` -- AP@[.5:.95] and AP50 averaged over the classes of S.
@@ -8,7 +9,6 @@ so results stay valid JSON.
 import contextlib
 import io
 import json
-import logging
 import math
 import os
 
@@ -17,8 +17,6 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from fqdetr.data.coco import load_coco
-
-log = logging.getLogger(__name__)
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
               "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -31,7 +29,7 @@ def quiet():
         yield
 
 
-def _num(x):
+def stat_value(x):
     """float, or None for COCO's "undefined" (-1) and NaN."""
     x = float(x)
     return None if (x < 0 or math.isnan(x)) else x
@@ -160,51 +158,3 @@ def per_category_ap(E):
         ap50 = float(np.mean(p50[p50 > -1])) if (p50 > -1).any() else None
         out[int(cat_id)] = (ap, ap50)
     return out
-
-
-def evaluate_detections(coco_gt, detections, critical_sets=None, transformed_predictions=None,
-                        label_to_cat_id=None, other="lse"):
-    """Evaluate COCO-format detections against ground truth.
-
-    coco_gt: COCO, gt json path or dict. detections: list of result dicts or a json
-    path. critical_sets: see resolve_critical_sets (default: every supercategory).
-    transformed_predictions: optional per-image raw predictions, see
-    ``evaluate_critical_transformed``; adds "critical_transformed" to the result.
-
-    Returns {"overall": {STAT_NAMES: value}, "per_category": {name: {"id",
-    "supercategory", "num_gt", "AP", "AP50"}}, "critical": {set name: {"cat_ids",
-    "categories", "AP", "AP50"}}, "num_images", "num_detections"}.
-    """
-    coco_gt = load_coco(coco_gt)
-    coco_dt = load_detections(detections, coco_gt)
-    E = run_cocoeval(coco_gt, coco_dt)
-    result = {"overall": {n: _num(v) for n, v in zip(STAT_NAMES, E.stats)},
-              "per_category": {}, "critical": {},
-              "num_images": len(coco_gt.imgs), "num_detections": len(coco_dt.anns)}
-    for cat_id, (ap, ap50) in per_category_ap(E).items():
-        cat = coco_gt.cats[cat_id]
-        result["per_category"][cat["name"]] = {
-            "id": cat_id, "supercategory": cat.get("supercategory") or cat["name"],
-            "num_gt": len(coco_gt.getAnnIds(catIds=[cat_id], iscrowd=False)), "AP": ap, "AP50": ap50}
-    for name, ids in resolve_critical_sets(coco_gt, critical_sets).items():
-        Ec = run_cocoeval(coco_gt, coco_dt, cat_ids=ids)
-        result["critical"][name] = {"cat_ids": ids, "categories": [coco_gt.cats[c]["name"] for c in ids],
-                                    "AP": _num(Ec.stats[0]), "AP50": _num(Ec.stats[1])}
-    if transformed_predictions is not None:
-        from fqdetr.evaluation.transformed import evaluate_critical_transformed
-        result["critical_transformed"] = evaluate_critical_transformed(
-            coco_gt, transformed_predictions, critical_sets, label_to_cat_id, other)
-    _log_summary(result)
-    return result
-
-
-def _fmt(x):
-    return "n/a" if x is None else f"{100 * x:.1f}"
-
-
-def _log_summary(result):
-    o = result["overall"]
-    log.info("mAP %s  AP50 %s  AP75 %s  (%d images, %d detections)", _fmt(o["AP"]), _fmt(o["AP50"]),
-             _fmt(o["AP75"]), result["num_images"], result["num_detections"])
-    for name, r in result["critical"].items():
-        log.info("critical %-12s AP %s  AP50 %s", name, _fmt(r["AP"]), _fmt(r["AP50"]))

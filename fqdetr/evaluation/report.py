@@ -2,15 +2,16 @@
 import logging
 import os
 import re
-import tempfile
 
-from fqdetr.data.coco import write_json_atomic
+from fqdetr.io import atomic_savefig, atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
 
 
-def _pct(x):
-    return "n/a" if x is None else f"{100 * x:.1f}"
+def format_ap(x, scale=100.0):
+    """An AP-like value for people: ``scale * x`` with one decimal (percent by default), "n/a"
+    for None (what COCO leaves undefined). The one number format of fqdetr's reports."""
+    return "n/a" if x is None else f"{scale * x:.1f}"
 
 
 def _table(header, rows):
@@ -26,17 +27,17 @@ def render_markdown(result, title="Detection evaluation"):
              f"{result.get('num_images', '?')} images, {result.get('num_detections', '?')} detections. "
              "AP = COCO AP@[.5:.95] (pycocotools), in %.", "", "## Overall", "",
              _table(["AP", "AP50", "AP75", "APs", "APm", "APl"],
-                    [[_pct(o.get(k)) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]])]
+                    [[format_ap(o.get(k)) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]])]
     transformed = result.get("critical_transformed", {})
     header = ["critical set", "categories", "AP", "AP50"]
     if transformed:
         header += ["AP (T_S)", "AP50 (T_S)"]
     rows = []
     for name, r in result.get("critical", {}).items():
-        row = [name, ", ".join(r.get("categories", [])), _pct(r["AP"]), _pct(r["AP50"])]
+        row = [name, ", ".join(r.get("categories", [])), format_ap(r["AP"]), format_ap(r["AP50"])]
         if transformed:
             t = transformed.get(name, {})
-            row += [_pct(t.get("AP")), _pct(t.get("AP50"))]
+            row += [format_ap(t.get("AP")), format_ap(t.get("AP50"))]
         rows.append(row)
     if rows:
         parts += ["", "## Critical sets", "",
@@ -47,7 +48,7 @@ def render_markdown(result, title="Detection evaluation"):
     cats = [(n, c) for group in _groups(result).values() for n, c in group]
     parts += ["", "## Per category", "",
               _table(["supercategory", "category", "id", "#gt", "AP", "AP50"],
-                     [[c["supercategory"], n, c["id"], c.get("num_gt", ""), _pct(c["AP"]), _pct(c["AP50"])]
+                     [[c["supercategory"], n, c["id"], c.get("num_gt", ""), format_ap(c["AP"]), format_ap(c["AP50"])]
                       for n, c in cats])]
     return "\n".join(parts) + "\n"
 
@@ -59,18 +60,6 @@ def _groups(result):
     for name, c in sorted(result.get("per_category", {}).items(), key=lambda kv: kv[1]["id"]):
         groups.setdefault(c["supercategory"], []).append((name, c))
     return groups
-
-
-def _save_figure(fig, path):
-    """savefig to a temp file then os.replace, like the json."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def plot_per_category(result, out_dir):
@@ -100,7 +89,7 @@ def plot_per_category(result, out_dir):
         ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "ap_per_category.png"))
-    _save_figure(fig, paths[-1])
+    atomic_savefig(fig, paths[-1])
     plt.close(fig)
     for sup, cats in groups.items():
         fig, ax = plt.subplots(figsize=(max(3, 0.6 * len(cats) + 1.5), 3))
@@ -111,24 +100,19 @@ def plot_per_category(result, out_dir):
         ax.tick_params(axis="x", labelrotation=45, labelsize=8)
         fig.tight_layout()
         paths.append(os.path.join(out_dir, f"ap_{re.sub(r'[^A-Za-z0-9_.-]+', '_', sup)}.png"))
-        _save_figure(fig, paths[-1])
+        atomic_savefig(fig, paths[-1])
         plt.close(fig)
     return paths
 
 
 def write_report(result, out_dir, title="Detection evaluation", plots=True):
-    """Write report.json (atomic), report.md and the AP bar charts into ``out_dir``.
+    """Write report.json, report.md and the AP bar charts into ``out_dir``, each atomically.
 
     Returns {"json": path, "markdown": path, "plots": [paths]}.
     """
     os.makedirs(out_dir, exist_ok=True)
-    json_path = os.path.join(out_dir, "report.json")
-    write_json_atomic(result, json_path, indent=2)
-    md_path = os.path.join(out_dir, "report.md")
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=".md")
-    with os.fdopen(fd, "w") as f:
-        f.write(render_markdown(result, title))
-    os.replace(tmp, md_path)
+    json_path = write_json(result, os.path.join(out_dir, "report.json"))
+    md_path = atomic_write_text(os.path.join(out_dir, "report.md"), render_markdown(result, title))
     pngs = plot_per_category(result, out_dir) if plots else []
     log.info("report written to %s", out_dir)
     return {"json": json_path, "markdown": md_path, "plots": pngs}

@@ -13,7 +13,7 @@ ties going to "other"; its score is then p_s. The full critical module (losses, 
 import numpy as np
 
 from fqdetr.data.coco import load_coco
-from fqdetr.evaluation.cocoeval import _num, load_detections, resolve_critical_sets, run_cocoeval
+from fqdetr.evaluation.cocoeval import load_detections, resolve_critical_sets, run_cocoeval, stat_value
 
 
 def _to_numpy(x):
@@ -89,6 +89,6 @@ def evaluate_critical_transformed(coco_gt, predictions, critical_sets=None, labe
         labels = [cat_to_label[c] for c in ids]
         dets = transformed_detections(predictions, labels, label_to_cat_id, other)
         E = run_cocoeval(coco_gt, load_detections(dets, coco_gt), cat_ids=ids)
-        out[name] = {"cat_ids": ids, "AP": _num(E.stats[0]), "AP50": _num(E.stats[1]),
+        out[name] = {"cat_ids": ids, "AP": stat_value(E.stats[0]), "AP50": stat_value(E.stats[1]),
                      "num_detections": len(dets)}
     return out

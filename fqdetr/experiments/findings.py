@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 from scipy.stats import pearsonr, spearmanr
 
-from fqdetr.io import atomic_write_text
+from fqdetr.io import write_json
 from fqdetr.data import class_names_of
 from fqdetr.engine.checkpoint import seed_everything
 from fqdetr.engine.loader import make_loader
 from fqdetr.engine.quantize import quantize_detr
 from fqdetr.experiments.demo import run_demo
 from fqdetr.engine.setup import checkpoint_geometry, critical_setup, evaluate_splits, load_datasets
+from fqdetr.evaluation import format_ap
 from fqdetr.models import load_detr_checkpoint
 from fqdetr.models.checkpoint import read_checkpoint
 from fqdetr.quant import set_fake_quant
@@ -132,17 +133,17 @@ def reproduce(out_dir, model_path, data_dir, seeds=(0, 1, 2), critical="person",
         offset = torch.utils.data.Subset(data["train"], range(seed * 32, len(data["train"])))
         f1 = sensitivity_vs_drop(model, {"train": offset, "val": data["val"]}, loaders, canvas)
         run = {"seed": seed, "demo": demo, "finding1": f1}
-        atomic_write_text(cached, json.dumps(run, default=float))
+        write_json(run, cached, indent=None)
         runs.append(run)
     summary = summarize(runs, critical)
-    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+    write_json(summary, out_dir / "summary.json")
     return summary
 
 
 def _fmt(stat, scale=100.0):
     if stat["mean"] is None:
         return "n/a"
-    return f"{scale * stat['mean']:.1f} ± {scale * stat['std']:.1f}"
+    return f"{format_ap(stat['mean'], scale)} ± {format_ap(stat['std'], scale)}"
 
 
 def render_findings(summary, critical, seeds):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from fqdetr.io import atomic_write_text
+from fqdetr.io import write_json
 
 CALIBRATION_METHODS = ("max", "percentile", "mse")
 
@@ -117,7 +117,7 @@ class QuantConfig(LayerQuantConfig):
         return cls(**data)
 
     def save(self, path):
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+        write_json(self.to_dict(), path)
 
     @classmethod
     def load(cls, path):
