@@ -31,7 +31,8 @@ def calibrate(model, batches, forward_fn=None, method=None, num_batches=None, pr
     ignored (the quantizers observe their inputs on the way).
     method: override every quantizer's method ("max" | "percentile" | "mse"); weight scales
     are recomputed with it too. num_batches: stop after that many batches.
-    If a batch raises, the quantizers stop observing and keep their methods and scales.
+    If a batch raises, the quantizers stop observing (nothing observed is kept) and get their
+    methods back; scales set before the call stay as they were.
     """
     forward_fn = forward_fn or _call_model
     quantizers = _activation_quantizers(model)
