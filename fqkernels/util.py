@@ -33,7 +33,7 @@ def owned_output(t):
     """``t`` as a custom op's forward output: contiguous (the fake implementations promise
     contiguous outputs, and torch.compile lays out later kernels by them) and not a view
     (an autograd.Function output that is a view of a tensor made inside it cannot be
-    modified in place, as nn.Linear's output can). Copies only when ``t`` is neither."""
+    modified in place, as nn.Linear's output can). Copies only when ``t`` is a view or not contiguous."""
     return t.clone(memory_format=torch.contiguous_format) if t._is_view() or not t.is_contiguous() else t
 
 
