@@ -41,17 +41,18 @@ def atomic_write_text(path, text):
     return atomic_write(path, lambda f: f.write(text), binary=False)
 
 
-def _json_default(x):
-    """numpy scalars / arrays and tensors as numbers / lists, for json.dumps."""
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    raise TypeError(f"Object of type {type(x).__name__} is not JSON serializable")
-
-
-def write_json(obj, path, indent=2):
-    """Writes ``obj`` as JSON to ``path`` atomically (numpy values and tensors as numbers / lists);
+def write_json(obj, path, indent=2, other=None):
+    """Writes ``obj`` as JSON to ``path`` atomically (numpy values and tensors as numbers / lists;
+    any other object through ``other``, e.g. str for a settings snapshot, else TypeError);
     returns the path. The one JSON writer of fqdetr."""
-    return atomic_write_text(path, json.dumps(obj, indent=indent, default=_json_default))
+    def default(x):
+        if hasattr(x, "tolist"):
+            return x.tolist()
+        if other is not None:
+            return other(x)
+        raise TypeError(f"Object of type {type(x).__name__} is not JSON serializable")
+
+    return atomic_write_text(path, json.dumps(obj, indent=indent, default=default))
 
 
 def atomic_savefig(fig, path, dpi=100):

@@ -68,6 +68,7 @@ def test_config_fills_options_and_the_command_line_wins(tmp_path):
     (["qat", "--lr", "nan"], "argument --lr: expected a finite number > 0, got nan"),
     (["train", "--data", "d", "--epochs", "0"], "argument --epochs: expected an integer >= 1, got 0"),
     (["demo", "--eval-images", "0"], "argument --eval-images: expected an integer >= 1, got 0"),
+    (["reproduce", "--seeds", "0,x"], "argument --seeds: expected comma-separated integers, got '0,x'"),
 ])
 def test_zero_and_negative_sizes_are_refused(tmp_path, capsys, argv, message):
     assert message in _usage_error([*argv, "--out", str(tmp_path)], capsys)

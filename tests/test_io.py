@@ -19,6 +19,8 @@ def test_write_json_converts_numbers_and_keeps_the_old_file_on_error(tmp_path):
     with pytest.raises(TypeError, match="object is not JSON serializable"):
         write_json({"x": object()}, path)
     assert json.loads(path.read_text())["b"] == [1, 2] and os.listdir(path.parent) == ["r.json"]
+    write_json({"f": len}, path, indent=None, other=str)  # a settings snapshot: anything as text
+    assert path.read_text() == '{"f": "<built-in function len>"}'
 
 
 def test_atomic_savefig_writes_a_png_and_no_temporary_file(tmp_path):

@@ -115,6 +115,14 @@ def bit_widths(text):
     return tuple(bit_width(part) for part in text.split(","))
 
 
+def int_list(text):
+    """argparse type: comma-separated integers."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def non_negative_float(text):
     """argparse type: a finite float >= 0."""
     value = float(text)

@@ -6,7 +6,6 @@ Files under the job's ``train.out_dir`` (rank 0 only under torchrun): those of t
 size) and eval/report.{json,md}.
 """
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -23,7 +22,7 @@ from fqdetr.engine.evaluate import evaluate_model
 from fqdetr.engine.loader import make_loader
 from fqdetr.engine.setup import load_datasets
 from fqdetr.engine.train import TrainConfig, train_detr
-from fqdetr.io import atomic_write, atomic_write_text
+from fqdetr.io import atomic_write, write_json
 from fqdetr.models import build_criterion, build_detr, load_detr_checkpoint
 from fqdetr.models.checkpoint import read_checkpoint
 
@@ -125,9 +124,8 @@ def _train(job: TrainJob, info) -> Dict[str, Any]:
     config = dataclasses.replace(job.train, checkpoint_extra=dict(job.train.checkpoint_extra or {}, **extra))
     if info.is_main:
         os.makedirs(config.out_dir, exist_ok=True)
-        atomic_write_text(os.path.join(config.out_dir, "config.json"), json.dumps(
-            {"job": dataclasses.asdict(job), "model": model.config, "world_size": info.world_size},
-            indent=2, default=str))
+        write_json({"job": dataclasses.asdict(job), "model": model.config, "world_size": info.world_size},
+                   os.path.join(config.out_dir, "config.json"), other=str)
     log.info("training %s (%.2fM parameters) on %d images, %d classes, %d steps/epoch", job.preset,
              sum(p.numel() for p in model.parameters()) / 1e6, len(train_ds), coco.num_classes, len(train_loader))
     start = time.perf_counter()
