@@ -151,12 +151,13 @@ class PadToCanvas:
     [B, 3, canvas, canvas], mask bool [B, canvas, canvas] True on padding, list of B targets),
     DETR's NestedTensor as a plain tuple.
 
-    Why a fixed canvas rather than the batch maximum: DETR's sine position encoding is
-    normalised by the unpadded extent, but the backbone convolutions, the stride-32 mask
-    and attention over padded tokens all see the padding, so the same image gave different
-    detections alone and in a batch (33.9 vs 41.5 mAP for batch 1 vs 8 on the shipped
-    model). With one canvas an image's input does not depend on its batch. The canvas is a
-    property of the model (checkpoint key ``canvas``, see docs/METHOD.md).
+    Why a fixed canvas rather than the batch maximum: how much padding surrounds an image
+    changes its features (the backbone's frozen BatchNorm turns the zero padding into non-zero
+    values that convolutions next to the image's edge read; the nearest-interpolated stride-32
+    mask, and the position encoding normalised by it, round differently), so the same image gave
+    other detections alone than in a batch (33.9 vs 41.5 mAP at eval batch 1 vs 8 on the
+    shipped model). With one canvas an image's input does not depend on its batch. The canvas
+    is a property of the model: checkpoint key ``canvas`` (fqdetr.engine.setup.checkpoint_geometry).
     """
 
     def __init__(self, canvas):
