@@ -15,7 +15,7 @@ SIZE = 1 << 22  # 4 Mi float32 = 16 MiB: a write takes long enough to be killed 
 
 def writer(kind, path):
     if kind == "torch":
-        from fqdetr.engine.checkpoint import atomic_torch_save
+        from fqdetr.io import atomic_torch_save
 
         payload = {"model": {"w": torch.empty(SIZE)}, "step": 0}
 

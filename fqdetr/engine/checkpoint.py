@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fqdetr.io import atomic_torch_save  # noqa: F401  (re-exported: the engine's checkpoint writer)
+from fqdetr.io import atomic_torch_save
 from fqdetr.models.checkpoint import read_checkpoint
 
 
