@@ -145,13 +145,14 @@ def test_single_process_resume_of_a_two_rank_checkpoint_warns(tiny_data, tmp_pat
                        dec_layers=2, num_queries=10, norm="batch")
     ckpt = tmp_path / "two_ranks.pth"
     save_training_checkpoint(ckpt, model, epoch=0, step=1, epoch_step=1,
-                             extra={"world_size": 2, "rng_ranks": [capture_rng_state()] * 2})
+                             extra={"world_size": 2, "rng_ranks": [capture_rng_state()] * 2, "canvas": 72})
     with pytest.warns(UserWarning, match="written by 2 process.*resharded"):
         rc = main([*CLI, "--data", str(tiny_data), "--max-steps", "2", "--out", str(tmp_path / "out"),
                    "--resume", str(ckpt), "--eval-every", "5"])
     assert rc == 0
     saved = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
     assert saved["step"] == 2 and "world_size" not in saved
+    assert saved["canvas"] == 72  # the resumed model's canvas, not the default 4/3 * 48 = 64
 
 
 def test_shard_is_a_no_op_in_one_process(tiny_data):

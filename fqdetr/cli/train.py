@@ -41,7 +41,14 @@ def add_parser(subparsers):
                "checkpoint.pth (resume), best.pth (best val mAP, model only), log.jsonl, "
                "eval/report.md. Example: fqdetr train --data data/builtin --preset tiny "
                "--epochs 50 --out runs/tiny")
-    g = p.add_argument_group("data")
+    _add_data_options(p.add_argument_group("data"))
+    _add_model_options(p.add_argument_group("model"))
+    _add_optimisation_options(p.add_argument_group("optimisation"))
+    _add_run_options(p.add_argument_group("run"))
+    p.set_defaults(func=run)
+
+
+def _add_data_options(g):
     g.add_argument("--data", required=True, metavar="DIR", help="dataset root (see below)")
     g.add_argument("--image-size", type=positive_int, default=128, metavar="PX",
                    help="shorter image side at validation; training resizes at random to "
@@ -59,7 +66,9 @@ def add_parser(subparsers):
     g.add_argument("--val-limit", type=positive_int, default=None, metavar="N",
                    help="validate during training on the first N val images only (the final "
                         "report uses all of them)")
-    g = p.add_argument_group("model")
+
+
+def _add_model_options(g):
     g.add_argument("--preset", default="tiny", help="model preset of fqdetr.models.PRESETS (default tiny)")
     g.add_argument("--norm", choices=["frozen", "batch"], default=None,
                    help="backbone normalisation (default: the preset's; 'batch' for training from scratch)")
@@ -68,7 +77,9 @@ def add_parser(subparsers):
         g.add_argument(flag, type=typ, default=None, help=f"{text} (default: the preset's)")
     g.add_argument("--no-aux-loss", action="store_true", help="no auxiliary decoder losses")
     g.add_argument("--eos-coef", type=float, default=0.1, help="no-object class weight (default 0.1)")
-    g = p.add_argument_group("optimisation")
+
+
+def _add_optimisation_options(g):
     g.add_argument("--epochs", type=positive_int, required=True, help="training epochs")
     g.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     g.add_argument("--lr-backbone", type=float, default=None,
@@ -79,7 +90,9 @@ def add_parser(subparsers):
                    help="divide the lr by 10 every EPOCHS epochs (default: 2/3 of --epochs)")
     g.add_argument("--clip-max-norm", type=float, default=0.1, help="gradient clipping norm, 0 = off (default 0.1)")
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps in total")
-    g = p.add_argument_group("run")
+
+
+def _add_run_options(g):
     g.add_argument("--out", required=True, metavar="DIR", help="output directory")
     g.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue from a checkpoint.pth (architecture and state come from it)")
@@ -94,7 +107,6 @@ def add_parser(subparsers):
                    help="torch device (default cpu); under torchrun 'cpu' (gloo) or 'cuda' (nccl, "
                         "cuda:LOCAL_RANK in each process)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
 
 
 def _arch(args):

@@ -27,13 +27,10 @@ from fqdetr.sensitivity import fisher_traces
 log = logging.getLogger(__name__)
 
 
-def run_demo(out_dir, model_path, data_dir, critical="person", budget_avg_bits=4.0, qat_steps=40,
-             fisher_images=48, eval_images=120, batch_size=8, reg_lambda=0.05, upweight=3.0, image_size=None,
-             seed=0):
-    """Runs the whole comparison and writes the report; returns the results dict."""
-    seed_everything(seed)
-    start, out_dir = time.time(), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _data(model_path, data_dir, image_size, eval_images, fisher_images, batch_size, seed):
+    """(datasets, evaluation loaders {"val", "train" (its first eval_images)}, Fisher and
+    calibration loader (first fisher_images training images), shuffled QAT loader), every image
+    padded to the model's canvas."""
     image_size, canvas = checkpoint_geometry(model_path, image_size)
     data = load_datasets(data_dir, image_size, max(eval_images, fisher_images, 400), eval_images,
                          class_names=class_names_of(read_checkpoint(model_path)))
@@ -42,7 +39,18 @@ def run_demo(out_dir, model_path, data_dir, critical="person", budget_avg_bits=4
                "train": make_loader(train_subset, batch_size, canvas, shuffle=False)}
     fisher_loader = make_loader(torch.utils.data.Subset(data["train"], range(fisher_images)), batch_size,
                                 canvas, shuffle=False)
-    qat_loader = make_loader(data["train"], batch_size, canvas, shuffle=True, seed=seed)
+    return data, loaders, fisher_loader, make_loader(data["train"], batch_size, canvas, shuffle=True, seed=seed)
+
+
+def run_demo(out_dir, model_path, data_dir, critical="person", budget_avg_bits=4.0, qat_steps=40,
+             fisher_images=48, eval_images=120, batch_size=8, reg_lambda=0.05, upweight=3.0, image_size=None,
+             seed=0):
+    """Runs the whole comparison and writes the report; returns the results dict."""
+    seed_everything(seed)
+    start, out_dir = time.time(), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data, loaders, fisher_loader, qat_loader = _data(model_path, data_dir, image_size, eval_images, fisher_images,
+                                                     batch_size, seed)
     model = load_detr_checkpoint(model_path).eval()
     criterion, objectives, S, sets = critical_setup(model, data["val"], critical)
     results = {"config": {"critical": critical, "critical_labels": S, "budget_avg_bits": budget_avg_bits,
