@@ -192,3 +192,19 @@ def test_an_image_larger_than_the_canvas_is_refused():
         PadToCanvas(48)([(small, {}), (big, {})])
     with pytest.raises(ValueError, match="canvas: expected a positive int"):
         PadToCanvas(0)
+
+
+def test_optimizer_step_runs_the_hook_before_clipping_and_refuses_a_non_finite_loss():
+    from fqdetr.engine.step import check_finite, optimizer_step
+
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    opt = torch.optim.SGD([w], lr=1.0)
+    seen = []
+    # d/dw sum(w^2) = 2w = (6, 8); the hook halves it to (3, 4): norm 5, clipped to 1.
+    norm = optimizer_step((w ** 2).sum(), opt, 1.0, after_backward=lambda: (seen.append(w.grad.clone()),
+                                                                             w.grad.mul_(0.5)))
+    assert torch.equal(seen[0], torch.tensor([6.0, 8.0])) and norm == pytest.approx(5.0)
+    torch.testing.assert_close(w.detach(), torch.tensor([3.0 - 0.6, 4.0 - 0.8]))
+    check_finite(torch.tensor(1.0))
+    with pytest.raises(FloatingPointError, match=r"loss is nan .*'loss_ce': nan"):
+        check_finite(torch.tensor(float("nan")), {"loss_ce": torch.tensor(float("nan"))})
