@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # CPU machines: the pinned CPU wheel of torch (a bare "torch" would pull a multi-GB CUDA build).
 DEPS   := torch==2.13.0 triton==3.9.0 numpy scipy pycocotools pillow tqdm pyyaml matplotlib \
-          pytest pytest-benchmark hypothesis pybind11 cmake ninja
+          pytest pytest-benchmark hypothesis pybind11 cmake ninja onnx==1.23.2 onnxruntime==1.32.0
 BUILT  := $(VENV)/.fq-built
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') CMakeLists.txt setup.py
 
