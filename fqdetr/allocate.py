@@ -1,4 +1,4 @@
-"""Fisher-aware mixed-precision bit allocation (METHOD.md section 3).
+"""Fisher-aware mixed-precision bit allocation (docs/METHOD.md section 3).
 
 Sensitivity of layer l at b bits (HAWQ-V3 form, Fisher trace in place of the Hessian's):
 

@@ -1,4 +1,4 @@
-"""Critical categories (METHOD.md section 1): category sets, the logit-label
+"""Critical categories (docs/METHOD.md section 1): category sets, the logit-label
 transformation T_S and the critical objective.
 
 Class indices here are the model's contiguous labels 0..C-1 (no-object is C);

@@ -1,4 +1,4 @@
-"""Fisher-trace regularisation for QAT (METHOD.md section 4).
+"""Fisher-trace regularisation for QAT (docs/METHOD.md section 4).
 
     L_QAT = L_all(Q(W)) + lambda * R,   R = tr(F_crit) over the quantized weights
 

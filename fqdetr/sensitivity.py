@@ -1,5 +1,5 @@
 """Per-layer sensitivity of a (quantized) DETR: Fisher traces of the overall, critical
-and mixed objectives (METHOD.md sections 2-3), and a Hutchinson Hessian-trace baseline.
+and mixed objectives (docs/METHOD.md sections 2-3), and a Hutchinson Hessian-trace baseline.
 
 Objectives are per-image: f(outputs, targets) -> [B] losses, each image's loss as if it
 were alone in its batch, as per-sample Fisher needs. The traces then depend on batching

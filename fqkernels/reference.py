@@ -4,7 +4,7 @@ Written for clarity, not speed: it is the test oracle of the compiled and Triton
 backends and the fallback backend. Gradients are written out explicitly (no
 autograd) so that each backend's backward can be compared term by term.
 
-Conventions (METHOD.md section 5; torch's ``_fake_quantize_learnable_*`` with zero
+Conventions (docs/METHOD.md sections 5.1-5.2; torch's ``_fake_quantize_learnable_*`` with zero
 point 0):
 
     q = round_half_even(x * inv_scale(s)),   y = clamp(q, qmin, qmax) * s

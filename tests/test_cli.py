@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from fqdetr.cli import main
 from fqdetr.data import make_builtin_dataset
@@ -11,6 +12,7 @@ from fqdetr.models import build_detr, save_detr_checkpoint
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)  # a module fixture runs before the autouse per-test seed
     save_detr_checkpoint(build_detr("tiny", num_classes=16), root / "model.pth")
     make_builtin_dataset(root / "data", num_train=24, num_val=8, seed=0)
     return root
@@ -63,18 +65,27 @@ def test_cli_errors_are_clear(run_dir, tmp_path, capsys):
 
 def test_fisher_under_torchrun_equals_one_process(run_dir, tmp_path):
     """2 gloo processes, each on half the images, all-reduced: the single-process traces.
-    Batch size 1, because DETR's backbone sees different zero padding when images of
-    different sizes share a batch (a property of the model, not of the reduction)."""
+    Both sides take one thread per process and batches of one image: a 1-ulp change in a
+    convolution's output (which other thread counts or batch shapes give) moves a 4-bit
+    model's traces by percents (docs/METHOD.md section 7)."""
     from _launch import torchrun
 
-    common = [*_common(run_dir), "--images", "6"]
+    common = [*_common(run_dir), "--images", "6", "--threads", "1"]
     common[common.index("--batch-size") + 1] = "1"
-    assert main(["fisher", *common, "--out", str(tmp_path / "one")]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert main(["fisher", *common, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
     torchrun("-m", "fqdetr", "fisher", *common, "--out", tmp_path / "two", timeout=300)
     one = json.loads((tmp_path / "one" / "fisher.json").read_text())
     two = json.loads((tmp_path / "two" / "fisher.json").read_text())
-    assert two["_meta"]["processes"] == 2
+    assert (one["_meta"]["processes"], two["_meta"]["processes"]) == (1, 2)
+    assert one["_meta"]["threads"] == two["_meta"]["threads"] == 1
     for objective in ("overall", "critical"):
+        floor = 1e-9 * max(one[objective].values())
         for layer, trace in one[objective].items():
             # Same per-image fp32 sums, added in another order across processes: ~1e-7 relative.
-            assert abs(two[objective][layer] - trace) <= 1e-5 * abs(trace) + 1e-12, (objective, layer)
+            # The floor covers decoder layer 0's self-attention, whose trace is rounding noise
+            # (its gradient is 0 in exact arithmetic, docs/METHOD.md section 2.3).
+            assert abs(two[objective][layer] - trace) <= 1e-5 * abs(trace) + floor, (objective, layer)

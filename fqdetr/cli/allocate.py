@@ -6,7 +6,7 @@ def add_parser(subparsers):
     p = subparsers.add_parser(
         "allocate", help="choose weight bits per layer under a size budget (ILP, scipy milp)",
         description="Minimises sum_l tr(F_l)/n_l * ||Q_b(W_l) - W_l||^2 over one bit-width per layer under a "
-                    "size budget (METHOD.md section 3). Strategies: fisher (traces from 'fqdetr fisher'), "
+                    "size budget (docs/METHOD.md section 3). Strategies: fisher (traces from 'fqdetr fisher'), "
                     "hessian (its Hutchinson traces), uniform, random. First conv and heads stay 8 bit. Writes "
                     "OUT/allocation.json {layer: {w_bits, a_bits}}.")
     add_common(p, data=False)

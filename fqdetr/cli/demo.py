@@ -8,7 +8,7 @@ from fqdetr.cli._common import (DATA_HELP, DEFAULT_BUILTIN_DIR, DEFAULT_MODEL, n
 def add_parser(subparsers):
     p = subparsers.add_parser(
         "demo", help="the main job: float vs PTQ vs Fisher-aware allocation vs QAT variants",
-        description="Runs METHOD.md sections 1-4 end to end on the built-in dataset and the shipped DETR: "
+        description="Runs docs/METHOD.md sections 1-4 end to end on the built-in dataset and the shipped DETR: "
                     "float eval; uniform 4-bit PTQ; Fisher-overall vs Fisher-critical bit allocations at the "
                     "same average-bit budget; short QAT plain, with Fisher-trace regularisation and with the "
                     "critical classes up-weighted. Writes OUT/report.md, OUT/results.json and PNG plots.")

@@ -7,7 +7,7 @@ def add_parser(subparsers):
         "fisher", help="per-layer Fisher traces (overall, critical, mix) and a Hutchinson baseline",
         description="Computes tr(F_l) per quantized layer of a DETR (quantized at --w-bits, Fisher taken through "
                     "the quantizers) for each --objective over --images training images, with per-image losses "
-                    "(METHOD.md section 2). Writes OUT/fisher.json {objective: {layer: trace}}. Under torchrun "
+                    "(docs/METHOD.md section 2). Writes OUT/fisher.json {objective: {layer: trace}}. Under torchrun "
                     "each process takes a shard of the images and the sums are all-reduced (gloo/nccl).")
     add_common(p)
     p.add_argument("--objective", nargs="+", default=["overall", "critical"], choices=["overall", "critical", "mix"],

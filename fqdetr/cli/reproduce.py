@@ -1,4 +1,4 @@
-"""``fqdetr reproduce``: METHOD.md section 6 findings 1-4 over several seeds."""
+"""``fqdetr reproduce``: docs/METHOD.md section 6 findings 1-4 over several seeds."""
 
 
 def add_parser(subparsers):

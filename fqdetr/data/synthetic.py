@@ -1,7 +1,7 @@
 """Built-in "shapes world" detection dataset, written to disk in COCO format.
 
 A tiny DETR must be able to train on it on a CPU, yet the supercategories must
-differ in difficulty so that critical-category effects (METHOD.md section 6) show.
+differ in difficulty so that critical-category effects (docs/METHOD.md section 6) show.
 Every image is drawn with PIL from a per-image numpy generator seeded by
 ``(seed, split, index)``: same seed => byte-identical images and json, and image
 ``i`` does not depend on how many images were requested.

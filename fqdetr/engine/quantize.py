@@ -7,7 +7,7 @@ import torch
 import fqkernels as fk
 from fqdetr.quant import QuantConfig, calibrate, quantize_model, quantized_modules, quantized_weights
 
-# METHOD.md section 5: the first convolution and the prediction heads stay at 8 bits.
+# docs/METHOD.md section 5.4: the first convolution and the prediction heads stay at 8 bits.
 EIGHT_BIT_LAYERS = ("backbone.0.body.conv1", "class_embed", "bbox_embed.*")
 
 
@@ -18,7 +18,7 @@ def detr_quant_config(w_bits=4, a_bits=8, **kwargs):
 
 
 def fixed_bounds(model):
-    """{layer: (8, 8)} for the layers METHOD.md keeps at 8 bits."""
+    """{layer: (8, 8)} for the layers kept at 8 bits (docs/METHOD.md section 5.4)."""
     import fnmatch
 
     return {n: (8, 8) for n in quantized_modules(model)

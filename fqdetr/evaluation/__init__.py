@@ -1,7 +1,7 @@
 """COCO evaluation: overall, per-category and critical-set AP, and reports.
 
 - ``evaluate_detections``: pycocotools COCOeval on COCO-format detections;
-  critical sets evaluated with ``params.catIds`` restricted (METHOD.md section 1).
+  critical sets evaluated with ``params.catIds`` restricted (docs/METHOD.md section 1.5).
 - ``evaluate_critical_transformed``: critical AP on T_S-transformed raw predictions.
 - ``write_report``: report.json, report.md, per-category AP bar charts.
 """

@@ -1,7 +1,7 @@
 """COCO box evaluation pieces over pycocotools: critical sets, detections, COCOeval runs and
 per-category AP (fqdetr.evaluation.detections puts them together).
 
-A critical set S (METHOD.md section 1) is evaluated by COCOeval itself with
+A critical set S (docs/METHOD.md section 1.5) is evaluated by COCOeval itself with
 ``params.catIds = S`` -- AP@[.5:.95] and AP50 averaged over the classes of S.
 Values that COCO leaves undefined (e.g. a category with no ground truth) are None,
 so results stay valid JSON.

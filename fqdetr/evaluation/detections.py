@@ -1,5 +1,5 @@
 """The full evaluation of COCO-format detections: overall, per-category and critical-set AP
-(METHOD.md section 1), optionally critical AP on T_S-transformed predictions."""
+(docs/METHOD.md section 1.5), optionally critical AP on T_S-transformed predictions."""
 import logging
 
 from fqdetr.data.coco import load_coco

@@ -1,4 +1,4 @@
-"""Critical AP on transformed predictions (METHOD.md section 1).
+"""Critical AP on transformed predictions (docs/METHOD.md section 1.5).
 
 Per query, the class probabilities p [C + 1] (last column: no-object) are mapped
 to the |S| + 2 classes of T_S: the classes of S, "other" and no-object. With the

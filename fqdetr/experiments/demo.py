@@ -1,4 +1,4 @@
-"""The main job (``make demo``): METHOD.md sections 1-4 on the built-in dataset and the
+"""The main job (``make demo``): docs/METHOD.md sections 1-4 on the built-in dataset and the
 shipped DETR, in minutes on a CPU.
 
 Float eval; uniform 4-bit PTQ; Fisher-overall vs Fisher-critical allocations at the same

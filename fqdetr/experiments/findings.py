@@ -1,4 +1,4 @@
-"""Reproduction of METHOD.md section 6, findings 1-4, over several seeds.
+"""Reproduction of docs/METHOD.md section 6, findings 1-4, over several seeds.
 
 Each seed runs the demo pipeline (fqdetr.experiments.demo.run_demo) and, for finding 1, the
 per-category sensitivity study: the Fisher trace of each category's critical objective

@@ -9,7 +9,7 @@ from fqdetr.quant.swap import (QUANT_MODULES, QuantizationReport, quantize_model
                                quantized_weights,
                                set_fake_quant, to_float)
 
-QuantSpec = LayerQuantConfig  # the per-layer spec under the name DESIGN.md uses
+QuantSpec = LayerQuantConfig  # the per-layer spec, also public under this name
 
 __all__ = [
     "LayerQuantConfig", "QUANT_MODULES", "QuantConfig", "QuantConv2d", "QuantLinear", "QuantMultiheadAttention",
