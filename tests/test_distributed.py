@@ -110,3 +110,48 @@ def test_two_gloo_processes_give_the_single_process_fisher_and_ddp_steps(tmp_pat
         # The all-reduced mean of two 2-sample gradient means vs one 4-sample mean: the same
         # terms rounded in another grouping, a few ulps after two steps.
         torch.testing.assert_close(trained[0][name], want, rtol=1e-5, atol=1e-6)
+
+
+def _fqdetr_import_graph():
+    """{fqdetr module: fqdetr modules it imports anywhere in its file (lazy imports too)}."""
+    import ast
+
+    import fqdetr
+
+    root = Path(fqdetr.__file__).parent
+    names = {".".join(("fqdetr", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__"): p
+             for p in root.rglob("*.py")}
+
+    def module_of(name):  # "fqdetr.engine.loader.make_loader" -> "fqdetr.engine.loader"
+        while name not in names:
+            name = name.rpartition(".")[0]
+        return name
+
+    def absolute(node, name, path):  # the module "from <node.module> import" names, relative ones resolved
+        if not node.level:
+            return node.module or ""
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        package = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1])
+        return f"{package}.{node.module}" if node.module else package
+
+    graph = {}
+    for name, path in names.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {module_of(a.name) for a in node.names if a.name.startswith("fqdetr")}
+            elif isinstance(node, ast.ImportFrom) and absolute(node, name, path).startswith("fqdetr"):
+                deps |= {module_of(f"{absolute(node, name, path)}.{a.name}") for a in node.names}
+        graph[name] = deps - {name}
+    return graph
+
+
+def test_distributed_helpers_are_a_leaf_and_fqdetr_has_no_import_cycle():
+    import graphlib
+
+    graph = _fqdetr_import_graph()
+    assert {"fqdetr.engine.loader", "fqdetr.engine.train", "fqdetr.experiments.demo"} <= graph.keys()
+    assert graph["fqdetr.engine.distributed"] == set()
+    assert "fqdetr.engine.distributed" in graph["fqdetr.engine.loader"]
+    assert "fqdetr.models.matcher" in graph["fqdetr.models.deformable.criterion"]  # "from ..matcher import"
+    list(graphlib.TopologicalSorter(graph).static_order())  # raises graphlib.CycleError on a cycle
