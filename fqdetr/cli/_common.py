@@ -3,11 +3,11 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import Any, NamedTuple
 
 # fqdetr.data.layout's BUILTIN and DEFAULT_BUILTIN_DIR, spelt out so that building the parser
 # (--help) imports no torch; tests/test_cli_input.py checks that they agree.
 BUILTIN, DEFAULT_BUILTIN_DIR = "builtin", "data/builtin"
-from typing import Any, NamedTuple
 
 DATA_HELP = (f"dataset folder: DIR/{{train,val}}/ + DIR/annotations/instances_{{train,val}}.json, or COCO "
              f"2017's DIR/{{train,val}}2017/ + DIR/annotations/instances_{{train,val}}2017.json; '{BUILTIN}' or "
@@ -87,7 +87,7 @@ def with_config(parser, argv):
         return argv
     actions = {a.dest: a for a in parser.commands[argv[command]]._actions if a.option_strings}
     values = load_config_file(path)
-    unknown = sorted(set(values) - set(actions) | set(values) & {"config", "help", "debug"})
+    unknown = sorted((set(values) - set(actions)) | (set(values) & {"config", "help", "debug"}))
     if unknown:
         raise ValueError(f"--config: unknown options {unknown} in {path}")
     tokens = [t for key, value in values.items() for t in _config_tokens(actions[key], value, path)]

@@ -89,7 +89,8 @@ def load_coco(ann):
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{where}: invalid JSON ({err})") from err
     validate_coco_dict(ann, where)
-    _warn_degenerate_boxes(ann["annotations"], where)
+    if where != "<dict>":  # once per file read, not again for each in-memory subset of it
+        _warn_degenerate_boxes(ann["annotations"], where)
     if any("iscrowd" not in a or "area" not in a for a in ann["annotations"]):
         # COCOeval reads both; fill COCO's defaults in copies, leaving the caller's dict alone
         ann = dict(ann, annotations=[dict({"iscrowd": 0, "area": a["bbox"][2] * a["bbox"][3]}, **a)
