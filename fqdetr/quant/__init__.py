@@ -1,4 +1,9 @@
-"""Quantized modules, configuration, model swaps, calibration and export."""
+"""Quantized modules, configuration, model swaps, calibration and export.
+
+Once a model's quantizers have their scales (after one eager call or ``calibrate``), its
+quantized modules trace without graph breaks: ``torch.compile(model, fullgraph=True)``
+runs forward and backward, and ``torch.export`` exports the forward.
+"""
 from fqdetr.quant.attention import QuantMultiheadAttention
 from fqdetr.quant.calibrate import calibrate
 from fqdetr.quant.config import LayerQuantConfig, QuantConfig
