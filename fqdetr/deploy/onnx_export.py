@@ -1,0 +1,102 @@
+"""ONNX export of a quantized DETR / Deformable DETR with QuantizeLinear / DequantizeLinear.
+
+    export_onnx(qmodel, "model.onnx")        # inputs images [B, 3, H, W], mask [B, H, W] (bool)
+                                             # outputs pred_logits [B, Q, C(+1)], pred_boxes [B, Q, 4]
+
+Weights are integer initializers at their bit-width (int8 per output channel, int4 for
+2..4 bits), each feeding a DequantizeLinear; activations are QuantizeLinear ->
+DequantizeLinear pairs per tensor; everything else is float. Why this route: the model is
+traced by torch.onnx's TorchScript exporter with the quantized layers in their QDQ form
+(fqdetr.deploy.onnx_qdq), so the float part of DETR (backbone norms, masks, position
+encodings, grid_sample) is translated by torch itself, and only the weights, which torch
+cannot type below 8 bits, go through our own post-pass (fqdetr.deploy.onnx_graph). That
+exporter tops out at opset 20: opset 21 (int4) is written by raising the opset of the
+traced graph, whose ops opset 21 only extends with new types.
+"""
+import os
+import tempfile
+import warnings
+
+import onnx
+import torch
+from torch import nn
+
+from fqdetr.deploy.onnx_graph import lower_weight_markers, weight_type
+from fqdetr.deploy.onnx_qdq import MARKER_DOMAIN, qdq_forward
+from fqdetr.io import atomic_write
+from fqdetr.models import DeformableDETR
+from fqdetr.quant import quantized_weights
+
+MIN_OPSET, MAX_OPSET = 16, 21  # grid_sample (Deformable DETR) needs 16; int4 weights 21
+_TRACER_MAX_OPSET = 20
+INPUT_NAMES, OUTPUT_NAMES = ("images", "mask"), ("pred_logits", "pred_boxes")
+
+
+class DetectorOutputs(nn.Module):
+    """(images [B, 3, H, W], mask [B, H, W] True on padding) -> (pred_logits, pred_boxes):
+    a detector's forward with plain tensor inputs and outputs, the form ONNX graphs take."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, mask):
+        out = self.model((images, mask))
+        return out["pred_logits"], out["pred_boxes"]
+
+
+def _dynamic_axes(dynamic_size):
+    spatial = {2: "height", 3: "width"} if dynamic_size else {}
+    mask_spatial = {1: "height", 2: "width"} if dynamic_size else {}
+    return {"images": {0: "batch", **spatial}, "mask": {0: "batch", **mask_spatial},
+            "pred_logits": {0: "batch"}, "pred_boxes": {0: "batch"}}
+
+
+def _check_arguments(opset, example_size):
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset: expected an int in {MIN_OPSET}..{MAX_OPSET} (grid_sample needs "
+                         f"{MIN_OPSET}, int4 weights {MAX_OPSET}), got {opset!r}")
+    if len(example_size) != 2 or not all(isinstance(v, int) and v >= 32 for v in example_size):
+        raise ValueError(f"example_size: expected (height, width), ints >= 32, got {example_size!r}")
+
+
+def _traced(model, example, opset, dynamic_size, folder):
+    """torch.onnx's TorchScript export of the model in its QDQ form -> (ModelProto, weight codes)."""
+    raw = os.path.join(folder, "traced.onnx")
+    with qdq_forward(model) as weights, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings on Python shapes; dynamic axes are checked by tests
+        torch.onnx.export(DetectorOutputs(model), example, raw, dynamo=False,
+                          opset_version=min(opset, _TRACER_MAX_OPSET), input_names=list(INPUT_NAMES),
+                          output_names=list(OUTPUT_NAMES), dynamic_axes=_dynamic_axes(dynamic_size),
+                          custom_opsets={MARKER_DOMAIN: 1})
+    return onnx.load(raw), weights
+
+
+def export_onnx(model, path, *, opset=21, example_size=(128, 128), dynamic_size=None):
+    """Writes the quantized ``model`` as ONNX to ``path`` (atomically: nothing is left at
+    ``path`` when anything fails); returns the path.
+
+    opset: 16..21; weights of 2..4 bits need 21. example_size: (H, W) of the example image
+    traced. dynamic_size: batch and image size both dynamic (default for DETR); Deformable
+    DETR's sampling reads its feature-map sizes as Python numbers, so its default is a
+    dynamic batch at the example size only.
+    Raises ValueError naming the layer for an uncalibrated quantizer, a quantized layer
+    type without a QDQ form, or a bit-width the opset cannot store.
+    """
+    _check_arguments(opset, example_size)
+    for layer, (_, quantizer) in quantized_weights(model).items():
+        weight_type(quantizer.bits, opset, layer)  # before the tracing: raises for bits the opset lacks
+    if dynamic_size is None:
+        dynamic_size = not isinstance(model, DeformableDETR)
+    device = next(model.parameters()).device
+    images = torch.rand(1, 3, *example_size, device=device)
+    mask = torch.zeros(1, *example_size, dtype=torch.bool, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            proto, weights = _traced(model, (images, mask), opset, dynamic_size, folder)
+    finally:
+        model.train(was_training)
+    lower_weight_markers(proto, weights, opset)
+    return atomic_write(path, lambda f: f.write(proto.SerializeToString()))

@@ -1,0 +1,143 @@
+"""ONNX export with QuantizeLinear / DequantizeLinear, checked with onnxruntime on CPU."""
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+from torch import nn
+
+from fqdetr.deploy import OnnxDetector, export_onnx
+from fqdetr.engine.quantize import quantize_detr
+from fqdetr.models import build_detr
+from fqdetr.quant import Quantizer, calibrate
+
+# 2-, 3- and 6-bit layers beside the 4-bit default and the 8-bit first conv and heads.
+ALLOCATION = {"transformer.encoder.layers.0.linear1": 3, "transformer.decoder.layers.0.self_attn": 2,
+              "transformer.encoder.layers.1.linear2": 6}
+
+
+def _batch(n, height, width, pad=0):
+    images = torch.rand(n, 3, height, width)
+    mask = torch.zeros(n, height, width, dtype=torch.bool)
+    if pad:
+        mask[-1, :, width - pad:] = True  # the last image is padded on the right
+    return images, mask
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    qmodel = quantize_detr(build_detr("tiny", num_classes=16).eval(), allocation=ALLOCATION, w_bits=4)
+    calibrate(qmodel, [_batch(2, 64, 80, pad=16)], progress=False)
+    path = tmp_path_factory.mktemp("onnx") / "detr.onnx"
+    export_onnx(qmodel, path, example_size=(64, 64))
+    return qmodel.eval(), path
+
+
+def assert_parity(got, expected):
+    """Same arithmetic up to float32 rounding (x / s in onnxruntime's QuantizeLinear, x * (1 / s) in
+    torch; other summation orders): nearly every output agrees to 1e-5, and a value that lands
+    on the other side of a code boundary moves what follows by about one quantization step."""
+    for key in ("pred_logits", "pred_boxes"):
+        assert got[key].shape == expected[key].shape, key
+        diff = (got[key] - expected[key]).abs()
+        assert diff.median() < 1e-5 and diff.max() < 0.1, (key, diff.median().item(), diff.max().item())
+
+
+def test_outputs_match_the_fake_quant_model_at_any_batch_and_size(exported):
+    qmodel, path = exported
+    detector = OnnxDetector(path)
+    # traced at 1 x 64 x 64: other batch sizes and image sizes, padded and not
+    for images, mask in (_batch(2, 64, 80, pad=16), _batch(3, 96, 72), _batch(1, 48, 112, pad=30)):
+        with torch.no_grad():
+            expected = qmodel((images, mask))
+        assert_parity(detector((images, mask)), expected)
+
+
+def _initializers(path):
+    model = onnx.load(path)
+    return model, {i.name: i for i in model.graph.initializer}
+
+
+def test_weights_are_integer_initializers_at_their_bit_width(exported):
+    qmodel, path = exported
+    model, inits = _initializers(path)
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 21)]
+    dequantized = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    layers = {}
+    for node in dequantized:
+        codes, scale = inits[node.input[0]], numpy_helper.to_array(inits[node.input[1]])
+        layers.setdefault(node.input[0].rsplit(".", 2)[0], []).append((codes, scale, node))
+    expected_bits = {name: q.weight_quantizer.bits for name, q in qmodel.named_modules()
+                     if hasattr(q, "weight_quantizer")}
+    assert set(layers) == set(expected_bits)
+    for name, entries in layers.items():
+        bits = expected_bits[name]
+        for codes, scale, node in entries:
+            assert codes.data_type == (TensorProto.INT4 if bits <= 4 else TensorProto.INT8), name
+            values = numpy_helper.to_array(codes).astype(np.int32)
+            assert values.min() >= -2 ** (bits - 1) and values.max() <= 2 ** (bits - 1) - 1, name
+            axis = next(a.i for a in node.attribute if a.name == "axis")
+            assert scale.shape == (values.shape[axis],) and (scale > 0).all(), name
+    # the 3-bit layer reaches its own largest code (3), within int4's range (up to 7)
+    codes = numpy_helper.to_array(layers["transformer.encoder.layers.0.linear1"][0][0]).astype(np.int32)
+    assert codes.max() == 3
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) >= len(layers)
+    assert not any(n.domain for n in model.graph.node)
+
+
+def test_opset_too_old_for_4bit_weights_leaves_nothing(exported, tmp_path):
+    qmodel, _ = exported
+    with pytest.raises(ValueError, match=r"^transformer\.encoder\.layers\.0\.self_attn: 4-bit weights .* needs "
+                                         r"opset 21 or later \(got opset 20\)"):
+        export_onnx(qmodel, tmp_path / "old.onnx", opset=20, example_size=(64, 64))
+    with pytest.raises(ValueError, match="opset: expected an int in 16..21"):
+        export_onnx(qmodel, tmp_path / "old.onnx", opset=15)
+    assert os.listdir(tmp_path) == []
+
+
+def test_8bit_model_exports_at_opset_17(tmp_path):
+    torch.manual_seed(0)
+    qmodel = quantize_detr(build_detr("tiny", num_classes=3, enc_layers=1, dec_layers=1).eval(), w_bits=8)
+    images, mask = _batch(2, 64, 64, pad=8)
+    calibrate(qmodel, [(images, mask)], progress=False)
+    export_onnx(qmodel, tmp_path / "w8.onnx", opset=17, example_size=(64, 64))
+    model, inits = _initializers(tmp_path / "w8.onnx")
+    assert model.opset_import[0].version == 17
+    assert {i.data_type for n, i in inits.items() if n.endswith(".codes")} == {TensorProto.INT8}
+    with torch.no_grad():
+        expected = qmodel.eval()((images, mask))
+    assert_parity(OnnxDetector(tmp_path / "w8.onnx")((images, mask)), expected)
+
+
+def test_uncalibrated_model_is_refused(tmp_path):
+    qmodel = quantize_detr(build_detr("tiny", num_classes=3), w_bits=4)
+    with pytest.raises(ValueError, match=r"^[\w.]+\.input_quantizer: quantizer not calibrated"):
+        export_onnx(qmodel, tmp_path / "q.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+class ScaledHead(nn.Module):
+    """A layer type with a quantizer that the exporter has no QDQ form for."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head, self.quantizer = head, Quantizer(8)
+        self.quantizer.init_from(torch.randn(10))
+
+    def forward(self, x):
+        return self.head(self.quantizer(x))
+
+
+def test_unknown_quantized_layer_type_is_refused(exported, tmp_path):
+    qmodel, _ = exported
+    original = qmodel.class_embed
+    qmodel.class_embed = ScaledHead(original)
+    try:
+        with pytest.raises(ValueError, match="class_embed: layer type ScaledHead has quantizers but no ONNX QDQ form"):
+            export_onnx(qmodel, tmp_path / "q.onnx")
+    finally:
+        qmodel.class_embed = original
+    assert os.listdir(tmp_path) == []
