@@ -83,3 +83,26 @@ def test_matcher_all_images_empty_and_bad_inputs():
     one = {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.1, 0.1]])}
     with pytest.raises(ValueError, match="non-finite"):
         HungarianMatcher()(bad, [one, one])
+
+
+def test_cost_matrices_do_not_depend_on_the_thread_count():
+    """Every cost entry is computed on its own (no reduction whose order a thread split could
+    change), so 1 and 2 threads give the same bits (docs/METHOD.md section 7): thread-count
+    effects on the matching come only from the model's outputs."""
+    gen = torch.Generator().manual_seed(7)
+    batch, queries, num_classes, sizes = 8, 100, 91, [30, 0, 17, 50, 1, 44, 9, 25]
+    outputs = {"pred_logits": torch.randn(batch, queries, num_classes + 1, generator=gen),
+               "pred_boxes": torch.stack([_random_boxes(queries, gen) for _ in range(batch)])}
+    targets = [{"labels": torch.randint(0, num_classes, (n,), generator=gen), "boxes": _random_boxes(n, gen)}
+               for n in sizes]
+    matcher, threads = HungarianMatcher(), torch.get_num_threads()
+    try:
+        costs = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            costs[n] = matcher.cost_matrices(outputs, targets)
+    finally:
+        torch.set_num_threads(threads)
+    assert [c.shape for c in costs[1]] == [(queries, n) for n in sizes]
+    for one, two in zip(costs[1], costs[2]):
+        assert torch.equal(one, two)
