@@ -87,7 +87,7 @@ def test_export_of_a_quantized_module_matches_eager(kind):
     program = torch.export.export(module, inputs)
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     assert any("fqkernels" in t for t in targets), targets  # the quantized kernels, not a float fallback
-    scaled = tuple(t * 1.5 for t in inputs)  # other values, same shapes: the scales are not baked in as data
+    scaled = tuple(t * 1.5 for t in inputs)  # other values, same shapes: the program computes, not replays
     torch.testing.assert_close(program.module()(*scaled), module(*scaled))
 
 
