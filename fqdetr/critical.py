@@ -1,19 +1,28 @@
 """Critical categories (docs/METHOD.md section 1): category sets, the logit-label
-transformation T_S and the critical objective.
+transformation T_S and the critical objective, for softmax and sigmoid heads.
 
-Class indices here are the model's contiguous labels 0..C-1 (no-object is C);
+Class indices here are the model's contiguous labels 0..C-1 (softmax heads: no-object is C);
 ``category_sets`` maps COCO category ids/names/supercategories to them.
 
-T_S per query, |S| + 2 logits:   [z_s for s in S] + [z_other] + [z_noobject]
+Softmax heads (DETR), T_S per query, |S| + 2 logits: [z_s for s in S] + [z_other] + [z_noobject]
     mode "lse":  z_other = logsumexp of the non-critical object logits, so that
                  softmax(T_S z) is exactly the marginal of softmax(z) (default)
     mode "max":  z_other = their max
     mode "drop": logits as "lse", and non-critical objects removed from the targets
+Sigmoid heads (Deformable DETR, no no-object logit), |S| + 1 logits: [z_s for s in S] + [z_other]
+    mode "lse":  z_other = logit of P(some non-critical class) = 1 - prod_j (1 - sigmoid(z_j)),
+                 the noisy-or (``noisy_or_logit``) (default)
+    mode "max":  z_other = their max
+    mode "drop": no "other" logit (|S| logits), non-critical objects removed from the targets
 Targets: a label in S becomes its position in S, any other label "other" (|S|).
 """
 import torch
 
+from fqdetr.models.criterion import SetCriterion
+from fqdetr.models.deformable.criterion import DeformableSetCriterion
+
 MODES = ("lse", "max", "drop")
+HEADS = ("softmax", "sigmoid")
 
 
 def category_sets(categories, specs):
@@ -61,27 +70,102 @@ def _check_set(S, num_classes):
     return S
 
 
-def transform_logits(logits, S, mode="lse"):
-    """logits [..., C+1] (no-object last) -> [..., |S|+2]: critical, other, no-object."""
+def _check_options(mode, head):
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    C = logits.shape[-1] - 1
+    if head not in HEADS:
+        raise ValueError(f"head: expected one of {HEADS}, got {head!r}")
+
+
+def head_of(criterion):
+    """"sigmoid" for a focal-loss criterion (Deformable DETR's), else "softmax"."""
+    return "sigmoid" if isinstance(criterion, DeformableSetCriterion) else "softmax"
+
+
+def _softplus(z):
+    """log(1 + e^z), exact for every z (F.softplus returns z itself above 20, an error of
+    e^-20 that float64 resolves)."""
+    return torch.logaddexp(z, torch.zeros_like(z))
+
+
+def _log_softplus(z):
+    """log(softplus(z)) elementwise, accurate where softplus(z) underflows: for z < 0 it is
+    z + log(log1p(u) / u), u = e^z, and log1p(u) / u -> 1 as u -> 0 (so -inf maps to -inf)."""
+    neg = z < 0
+    u = torch.exp(torch.where(neg, z, torch.zeros_like(z)))
+    nonzero = u > 0
+    u_safe = torch.where(nonzero, u, torch.ones_like(u))  # no 0/0 even in the branch where() drops
+    below = z + torch.where(nonzero, torch.log(torch.log1p(u_safe) / u_safe), torch.zeros_like(u))
+    above = torch.log(_softplus(torch.where(neg, torch.ones_like(z), z)))
+    return torch.where(neg, below, above)
+
+
+def _logsumexp(x, dim):
+    """torch.logsumexp, but an all -inf slice gives -inf with a zero (not nan) gradient."""
+    m = x.amax(dim, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    s = torch.exp(x - m).sum(dim)
+    positive = s > 0
+    log_s = torch.log(torch.where(positive, s, torch.ones_like(s)))
+    return torch.where(positive, m.squeeze(dim) + log_s, torch.full_like(s, float("-inf")))
+
+
+def noisy_or_logit(z, dim=-1):
+    """logit(1 - prod_j (1 - sigmoid(z_j))) over ``dim``: [..., n, ...] -> [..., ...].
+
+    With A = sum_j softplus(z_j) = -log P(no class), the result is log(expm1(A)), computed as
+    A + log(-expm1(-A)) where A >= 1, and as log A + log(expm1(A) / A) below, with log A a
+    logsumexp of log softplus(z_j), so that it stays exact where A underflows (every z_j very
+    negative: the result tends to logsumexp_j z_j). +inf in z gives +inf, an all -inf slice
+    -inf; gradients are finite for finite z (docs/METHOD.md section 1.2).
+    """
+    A = _softplus(z).sum(dim)
+    large = A >= 1
+    A_large = torch.where(large, A, torch.ones_like(A))
+    from_A = A_large + torch.log(-torch.expm1(-A_large))
+    # Only used where A < 1, i.e. every z_j < 0.55: the clamp keeps +inf out of its graph.
+    log_A = _logsumexp(_log_softplus(z.clamp(max=1.0)), dim)
+    log_A = torch.where(large, torch.zeros_like(log_A), log_A)
+    A_small = torch.exp(log_A).clamp(min=torch.finfo(z.dtype).tiny)
+    from_log_A = log_A + torch.log(torch.expm1(A_small) / A_small)
+    return torch.where(large, from_A, from_log_A)
+
+
+def _other_logit(rest, mode, head):
+    """The "other" logit [..., 1] from the non-critical logits [..., n]."""
+    if rest.shape[-1] == 0:
+        # "other" has probability 0. Sigmoid heads take the lowest finite value: the focal
+        # loss of a -inf logit is nan (0 * inf), of this one exactly 0.
+        fill = float("-inf") if head == "softmax" else torch.finfo(rest.dtype).min
+        return rest.new_full((*rest.shape[:-1], 1), fill)
+    if mode == "max":
+        return rest.amax(dim=-1, keepdim=True)
+    if head == "sigmoid":
+        return noisy_or_logit(rest)[..., None]
+    return rest.logsumexp(dim=-1, keepdim=True)
+
+
+def transform_logits(logits, S, mode="lse", head="softmax"):
+    """T_S of a query's logits.
+
+    softmax: logits [..., C+1] (no-object last) -> [..., |S|+2]: critical, other, no-object.
+    sigmoid: logits [..., C] -> [..., |S|+1]: critical, other ("drop": [..., |S|], critical only).
+    """
+    _check_options(mode, head)
+    C = logits.shape[-1] - (1 if head == "softmax" else 0)
     S = _check_set(S, C)
     keep = torch.tensor(S, device=logits.device)
+    if head == "sigmoid" and mode == "drop":
+        return logits[..., keep]
     rest_mask = torch.ones(C, dtype=torch.bool, device=logits.device)
     rest_mask[keep] = False
-    rest = logits[..., :C][..., rest_mask]
-    if rest.shape[-1] == 0:  # S = all classes: "other" has probability 0
-        other = torch.full_like(logits[..., :1], float("-inf"))
-    elif mode == "max":
-        other = rest.amax(dim=-1, keepdim=True)
-    else:
-        other = rest.logsumexp(dim=-1, keepdim=True)
+    other = _other_logit(logits[..., :C][..., rest_mask], mode, head)
     return torch.cat([logits[..., keep], other, logits[..., C:]], dim=-1)
 
 
 def transform_targets(targets, S, num_classes, mode="lse"):
-    """Relabels targets to T_S's classes (critical positions, then "other" = |S|)."""
+    """Relabels targets to T_S's classes (critical positions, then "other" = |S|); "drop"
+    removes the non-critical objects instead. The same for both heads."""
     S = _check_set(S, num_classes)
     lut = torch.full((num_classes,), len(S), dtype=torch.long)
     lut[torch.tensor(S)] = torch.arange(len(S))
@@ -96,16 +180,17 @@ def transform_targets(targets, S, num_classes, mode="lse"):
     return out
 
 
-def critical_transform(outputs, targets, S, mode="lse"):
-    """T_S applied to a DETR output dict (and its aux outputs) and to the targets.
+def critical_transform(outputs, targets, S, mode="lse", head="softmax"):
+    """T_S applied to a detector's output dict (and its aux outputs) and to the targets.
 
-    outputs: {"pred_logits": [B, Q, C+1], "pred_boxes": [B, Q, 4], "aux_outputs": [...]}.
-    Returns (outputs with pred_logits [B, Q, |S|+2], targets relabelled).
+    outputs: {"pred_logits": [B, Q, C+1] (softmax) or [B, Q, C] (sigmoid), "pred_boxes":
+    [B, Q, 4], "aux_outputs": [...]}. Two-stage ``enc_outputs`` (class-agnostic proposals)
+    pass unchanged. Returns (outputs with T_S's pred_logits, targets relabelled).
     """
-    C = outputs["pred_logits"].shape[-1] - 1
+    C = outputs["pred_logits"].shape[-1] - (1 if head == "softmax" else 0)
 
     def one(o):
-        return dict(o, pred_logits=transform_logits(o["pred_logits"], S, mode))
+        return dict(o, pred_logits=transform_logits(o["pred_logits"], S, mode, head))
 
     new = one({k: v for k, v in outputs.items() if k != "aux_outputs"})
     if "aux_outputs" in outputs:
@@ -113,19 +198,44 @@ def critical_transform(outputs, targets, S, mode="lse"):
     return new, (transform_targets(targets, S, C, mode) if targets is not None else None)
 
 
-class CriticalLoss(torch.nn.Module):
-    """L_crit: the DETR set loss on T_S(outputs), T_S(targets), matching recomputed on the
-    transformed probabilities.
+def transformed_num_classes(num_critical, mode="lse", head="softmax"):
+    """Object classes of T_S (the criterion's ``num_classes``): critical + "other", except
+    for sigmoid heads in "drop" mode, which have no "other" logit."""
+    _check_options(mode, head)
+    return num_critical + (0 if head == "sigmoid" and mode == "drop" else 1)
 
-    make_criterion(num_classes) builds a SetCriterion for |S|+1 object classes (critical +
-    other) with the same matcher costs, weights and eos coefficient as the ordinary loss.
+
+def criterion_like(criterion, num_classes):
+    """A criterion of ``criterion``'s kind for ``num_classes`` classes, with the same matcher,
+    loss weights and losses, and the same no-object weight (softmax) or focal constants (sigmoid)."""
+    if isinstance(criterion, DeformableSetCriterion):
+        return DeformableSetCriterion(num_classes, criterion.matcher, criterion.weight_dict,
+                                      focal_alpha=criterion.focal_alpha, focal_gamma=criterion.focal_gamma,
+                                      losses=criterion.losses)
+    if isinstance(criterion, SetCriterion):
+        return SetCriterion(num_classes, criterion.matcher, criterion.weight_dict, eos_coef=criterion.eos_coef,
+                            losses=criterion.losses)
+    raise TypeError(f"criterion: expected a SetCriterion or DeformableSetCriterion, got {type(criterion).__name__}")
+
+
+class CriticalLoss(torch.nn.Module):
+    """L_crit: the detector's set loss on T_S(outputs), T_S(targets), matching recomputed on the
+    transformed logits (softmax: CE with the eos weight; sigmoid: the focal loss and cost).
+
+    make_criterion(num_classes) builds the criterion for T_S's transformed_num_classes, with
+    the same matcher costs, weights and eos coefficient / focal constants as the ordinary loss.
     """
 
-    def __init__(self, S, num_classes, make_criterion, mode="lse"):
+    def __init__(self, S, num_classes, make_criterion, mode="lse", head="softmax"):
         super().__init__()
-        self.S, self.mode, self.num_classes = _check_set(S, num_classes), mode, num_classes
-        self.criterion = make_criterion(len(self.S) + 1)
+        _check_options(mode, head)
+        self.S, self.mode, self.head, self.num_classes = _check_set(S, num_classes), mode, head, num_classes
+        self.criterion = make_criterion(transformed_num_classes(len(self.S), mode, head))
+
+    def transform(self, outputs, targets):
+        """(T_S(outputs), T_S(targets)) for this loss's set, mode and head."""
+        return critical_transform(outputs, targets, self.S, self.mode, self.head)
 
     def forward(self, outputs, targets, reduction="batch", num_boxes=None):
-        t_out, t_targets = critical_transform(outputs, targets, self.S, self.mode)
+        t_out, t_targets = self.transform(outputs, targets)
         return self.criterion(t_out, t_targets, reduction=reduction, num_boxes=num_boxes)

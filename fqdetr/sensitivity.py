@@ -1,4 +1,4 @@
-"""Per-layer sensitivity of a (quantized) DETR: Fisher traces of the overall, critical
+"""Per-layer sensitivity of a (quantized) DETR or Deformable DETR: Fisher traces of the overall, critical
 and mixed objectives (docs/METHOD.md sections 2-3), and a Hutchinson Hessian-trace baseline.
 
 Objectives are per-image: f(outputs, targets) -> [B] losses, each image's loss as if it
@@ -13,10 +13,11 @@ import torch
 from tqdm import tqdm
 
 import fqkernels as fk
-from fqdetr.critical import CriticalLoss, critical_transform
+from fqdetr.critical import CriticalLoss, criterion_like, head_of
 from fqdetr.engine.distributed import all_reduce_fisher
 from fqdetr.fisher import FisherCollector
 from fqdetr.models.criterion import weighted_loss
+from fqdetr.models.deformable import DeformableDETR
 from fqdetr.quant import quantized_weights
 
 log = logging.getLogger(__name__)
@@ -25,12 +26,19 @@ log = logging.getLogger(__name__)
 DETR_BATCH_DIMS = {"transformer.*": 1, "class_embed": 1, "bbox_embed.*": 1}
 
 
+def batch_dims_of(model):
+    """FisherCollector batch_dims for ``model``: DETR_BATCH_DIMS, or none (every plain layer
+    batch-first) for Deformable DETR, whose attention modules handle their own layout."""
+    return {} if isinstance(model, DeformableDETR) else DETR_BATCH_DIMS
+
+
 def _image(outputs, i):
-    """Image i of a DETR output dict (aux outputs included), as a batch of one."""
-    one = {k: v[i:i + 1] for k, v in outputs.items() if k != "aux_outputs"}
-    if "aux_outputs" in outputs:
-        one["aux_outputs"] = [{k: v[i:i + 1] for k, v in a.items()} for a in outputs["aux_outputs"]]
-    return one
+    """Image i of a detector's output dict (aux and two-stage enc outputs included), as a batch of one."""
+    if isinstance(outputs, dict):
+        return {k: _image(v, i) for k, v in outputs.items()}
+    if isinstance(outputs, list):
+        return [_image(v, i) for v in outputs]
+    return outputs[i:i + 1]
 
 
 def per_image(criterion, outputs, targets):
@@ -48,17 +56,20 @@ def per_image(criterion, outputs, targets):
 def detr_objectives(criterion, make_criterion, critical_labels, alpha=1.0, mode="lse"):
     """{"overall", "critical", "mix"}: per-image objectives f(outputs, targets) -> [B].
 
-    criterion: the ordinary SetCriterion; make_criterion(num_classes) builds one for the
-    transformed classes; critical_labels: the set S; mix = alpha * L_all + L_crit.
+    criterion: the ordinary criterion, a SetCriterion (DETR, softmax head) or a
+    DeformableSetCriterion (sigmoid focal head; T_S then follows docs/METHOD.md section 1.2's
+    sigmoid form); make_criterion(num_classes) builds one for the transformed classes, None
+    for a criterion of the same kind with the same matcher, weights and constants
+    (fqdetr.critical.criterion_like); critical_labels: the set S; mix = alpha * L_all + L_crit.
     """
-    crit = CriticalLoss(critical_labels, criterion.num_classes, make_criterion, mode)
+    make_criterion = make_criterion or (lambda n: criterion_like(criterion, n))
+    crit = CriticalLoss(critical_labels, criterion.num_classes, make_criterion, mode, head_of(criterion))
 
     def overall(outputs, targets):
         return per_image(criterion, outputs, targets)
 
     def critical(outputs, targets):
-        t_outputs, t_targets = critical_transform(outputs, targets, crit.S, crit.mode)
-        return per_image(crit.criterion, t_outputs, t_targets)
+        return per_image(crit.criterion, *crit.transform(outputs, targets))
 
     return {"overall": overall, "critical": critical,
             "mix": lambda o, t: alpha * overall(o, t) + critical(o, t)}
@@ -75,7 +86,7 @@ def fisher_traces(model, loader, objective, num_batches=None, progress=True):
     """{layer: tr(F_l)} of ``objective`` over the images of ``loader`` (images, mask, targets)."""
     was_training = model.training
     model.eval()  # dropout off: the Fisher of the deployed model
-    with FisherCollector(model, batch_dims=DETR_BATCH_DIMS) as fc:
+    with FisherCollector(model, batch_dims=batch_dims_of(model)) as fc:
         for images, mask, targets in tqdm(_batches(loader, num_batches), total=num_batches, desc="fisher",
                                           disable=not progress, leave=False):
             model.zero_grad(set_to_none=True)

@@ -12,13 +12,14 @@ log = logging.getLogger(__name__)
 
 
 def evaluate_detections(coco_gt, detections, critical_sets=None, transformed_predictions=None,
-                        label_to_cat_id=None, other="lse"):
+                        label_to_cat_id=None, other="lse", head="softmax"):
     """Evaluate COCO-format detections against ground truth.
 
     coco_gt: COCO, gt json path or dict. detections: list of result dicts or a json
     path. critical_sets: see resolve_critical_sets (default: every supercategory).
     transformed_predictions: optional per-image raw predictions, see
-    ``evaluate_critical_transformed``; adds "critical_transformed" to the result.
+    ``evaluate_critical_transformed`` (``head``: "softmax" or "sigmoid" probabilities);
+    adds "critical_transformed" to the result.
 
     Returns {"overall": {STAT_NAMES: value}, "per_category": {name: {"id",
     "supercategory", "num_gt", "AP", "AP50"}}, "critical": {set name: {"cat_ids",
@@ -41,7 +42,7 @@ def evaluate_detections(coco_gt, detections, critical_sets=None, transformed_pre
                                     "AP": stat_value(Ec.stats[0]), "AP50": stat_value(Ec.stats[1])}
     if transformed_predictions is not None:
         result["critical_transformed"] = evaluate_critical_transformed(
-            coco_gt, transformed_predictions, critical_sets, label_to_cat_id, other)
+            coco_gt, transformed_predictions, critical_sets, label_to_cat_id, other, head)
     _log_summary(result)
     return result
 
