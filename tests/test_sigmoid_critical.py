@@ -214,3 +214,73 @@ def test_sigmoid_transformed_probabilities_and_queries():
         transform_probs(probs, [4], head="sigmoid")
     with pytest.raises(ValueError, match="head"):
         transform_probs(probs, [0], head="focal")
+
+
+# --- Fisher traces and the regulariser on Deformable DETR -----------------------------------
+
+def _tiny_batch():
+    gen = torch.Generator().manual_seed(3)
+    images, mask = torch.rand(2, 3, 64, 64, generator=gen), torch.zeros(2, 64, 64, dtype=torch.bool)
+    mask[1, :, 48:] = True  # the second image is narrower: padding as in a real batch
+    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4], [0.2, 0.3, 0.1, 0.1]])},
+               {"labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.6, 0.4, 0.5, 0.5], [0.3, 0.6, 0.2, 0.3]])}]
+    return images, mask, targets
+
+
+def test_fisher_traces_of_the_critical_objective_on_deformable_detr():
+    from fqdetr.quant import QuantConfig, quantize_model
+    from fqdetr.sensitivity import fisher_traces
+    torch.manual_seed(0)
+    model = quantize_model(build_deformable_detr("deformable_tiny", num_classes=5), QuantConfig(w_bits=4, a_bits=8))
+    images, mask, targets = _tiny_batch()
+    model.eval()
+    model((images, mask))  # activation scales from this batch
+    critical = detr_objectives(build_deformable_criterion(5, dec_layers=2), None, [1, 3])["critical"]
+    traces = fisher_traces(model, [(images, mask, targets)], critical, progress=False)
+    assert len(traces) > 30 and all(math.isfinite(v) and v >= 0 for v in traces.values())
+    # tr(F_l) = 1/N sum_n ||d l_n / d W_l||^2, by autograd image by image
+    for name in ("transformer.decoder.layers.1.cross_attn.sampling_offsets",
+                 "transformer.encoder.layers.0.self_attn.value_proj", "transformer.decoder.layers.0.linear1"):
+        weight = model.get_submodule(name).weight
+        losses = critical(model((images, mask)), targets)
+        grads = [torch.autograd.grad(losses[n], weight, retain_graph=True)[0] for n in range(2)]
+        expected = sum(float(g.square().sum()) for g in grads) / 2
+        assert expected > 0 and traces[name] == pytest.approx(expected, rel=1e-4), name
+
+
+def test_regularizer_takes_the_deformable_critical_loss_and_its_gradient_is_right():
+    from fqdetr.regularize import FisherTraceRegularizer
+    torch.manual_seed(0)
+    model = build_deformable_detr("deformable_tiny", num_classes=5).double().eval()
+    images, mask, targets = _tiny_batch()
+    images = images.double()
+    targets = [dict(t, boxes=t["boxes"].double()) for t in targets]
+    critical = detr_objectives(build_deformable_criterion(5, dec_layers=2), None, [1, 3])["critical"]
+    layer = model.transformer.decoder.layers[1].cross_attn
+    params = [layer.sampling_offsets.weight, layer.attention_weights.weight]
+    reg = FisherTraceRegularizer(params, estimator="per-sample", method="exact")
+
+    def loss_fn(reduction):
+        per_image = critical(model((images, mask)), targets)
+        return per_image.sum() if reduction == "batch" else per_image
+
+    R = reg(loss_fn)
+    losses = loss_fn("per_image")
+    grads = [torch.autograd.grad(losses[n], params, retain_graph=True) for n in range(2)]
+    assert R.item() == pytest.approx(sum(float(g.square().sum()) for gs in grads for g in gs) / 2, rel=1e-10)
+    # dR/dW (a double backward through the deformable sampling) against central differences
+    dR = torch.autograd.grad(R, params)
+    assert all(bool(g.any()) for g in dR)
+    direction = [torch.randn_like(p) for p in params]
+    h = 1e-6
+    values = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(d, alpha=sign * h)
+        values.append(reg(loss_fn).item())
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.sub_(d, alpha=sign * h)
+    slope = sum(float((g * d).sum()) for g, d in zip(dR, direction))
+    assert (values[0] - values[1]) / (2 * h) == pytest.approx(slope, rel=1e-5)
