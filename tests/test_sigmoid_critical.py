@@ -284,3 +284,15 @@ def test_regularizer_takes_the_deformable_critical_loss_and_its_gradient_is_righ
                 p.sub_(d, alpha=sign * h)
     slope = sum(float((g * d).sum()) for g, d in zip(dR, direction))
     assert (values[0] - values[1]) / (2 * h) == pytest.approx(slope, rel=1e-5)
+
+
+def test_transformed_detections_need_one_box_per_query():
+    from fqdetr.evaluation import transformed_detections
+    probs = np.array([[0.70, 0.10, 0.20], [0.10, 0.05, 0.90]])
+    boxes = np.array([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 30.0]])
+    dets = transformed_detections([{"image_id": 7, "probs": probs, "boxes": boxes}], [0], [11, 12, 13],
+                                  head="sigmoid")
+    assert dets == [{"image_id": 7, "category_id": 11, "bbox": [0.0, 0.0, 10.0, 10.0], "score": 0.70}]
+    with pytest.raises(ValueError, match="one xyxy box per query"):
+        transformed_detections([{"image_id": 7, "probs": probs, "boxes": boxes[:1]}], [0], [11, 12, 13],
+                               head="sigmoid")

@@ -81,6 +81,9 @@ def transformed_detections(predictions, critical_labels, label_to_cat_id, other=
     for pred in predictions:
         keep, labels, scores = critical_queries(pred["probs"], critical_labels, other, head)
         boxes = _to_numpy(pred["boxes"])
+        if boxes.shape != (len(keep), 4):
+            raise ValueError(f"predictions: image {pred['image_id']} has {len(keep)} queries in 'probs' but 'boxes' "
+                             f"of shape {list(boxes.shape)}; expected one xyxy box per query (not top-k pairs)")
         for q in np.flatnonzero(keep):
             x0, y0, x1, y1 = (float(v) for v in boxes[q])
             dets.append({"image_id": int(pred["image_id"]), "category_id": int(label_to_cat_id[labels[q]]),
