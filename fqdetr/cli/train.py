@@ -1,7 +1,9 @@
-"""``fqdetr train``: train a DETR on a COCO-format dataset (e.g. the built-in one).
+"""``fqdetr train``: train a DETR or a Deformable DETR on a COCO-format dataset (e.g. the
+built-in one); the preset chooses the family, its criterion and its evaluation.
 
     fqdetr data make --out data/builtin
     fqdetr train --data data/builtin --preset tiny --epochs 50 --out runs/tiny
+    fqdetr train --data data/builtin --preset deformable_tiny --epochs 50 --out runs/deformable_tiny
 
 Writes OUT/checkpoint.pth (full training state, for --resume), OUT/best.pth (model
 only, best val mAP; loads with fqdetr.models.load_detr_checkpoint), OUT/log.jsonl,
@@ -18,7 +20,7 @@ import sys
 
 from fqdetr.cli._common import positive_float, positive_int
 
-ARCH_FLAGS = {  # flag -> (type, detr_from_config keyword, help)
+ARCH_FLAGS = {  # flag -> (type, keyword of detr_from_config and deformable_detr_from_config, help)
     "--hidden-dim": (int, "hidden_dim", "transformer width"),
     "--nheads": (int, "nheads", "attention heads"),
     "--enc-layers": (int, "enc_layers", "encoder layers"),
@@ -28,13 +30,19 @@ ARCH_FLAGS = {  # flag -> (type, detr_from_config keyword, help)
     "--dropout": (float, "dropout", "transformer dropout"),
     "--backbone-width": (int, "backbone_width", "ResNet stem width (64 = standard)"),
 }
+DEFORMABLE_FLAGS = {  # flag -> (type, deformable_detr_from_config keyword, help): Deformable DETR only
+    "--num-feature-levels": (int, "num_feature_levels", "feature levels (1: layer4 only, or >= 3)"),
+    "--enc-n-points": (int, "enc_n_points", "sampling points per head and level in the encoder"),
+    "--dec-n-points": (int, "dec_n_points", "sampling points per head and level in the decoder"),
+}
 
 
 def add_parser(subparsers):
     p = subparsers.add_parser(
-        "train", help="train a DETR (AdamW, StepLR, clipping, checkpoints, resume)",
-        description="Train a DETR with DETR's recipe (AdamW, backbone lr group, StepLR, gradient "
-                    "clipping, auxiliary decoder losses) on a COCO-format dataset.",
+        "train", help="train a DETR or Deformable DETR (AdamW, StepLR, clipping, checkpoints, resume)",
+        description="Train a DETR or a Deformable DETR with DETR's recipe (AdamW, backbone lr group, "
+                    "StepLR, gradient clipping, auxiliary decoder losses; Deformable DETR: focal loss, "
+                    "sampling offsets at lr/10) on a COCO-format dataset.",
         epilog="Data layout: DIR/{train,val}/ + DIR/annotations/instances_{train,val}.json (what "
                "'fqdetr data make --out DIR' writes), or COCO's train2017/val2017; 'builtin' generates the built-in "
                "dataset in data/builtin when missing. Outputs in OUT: "
@@ -69,14 +77,19 @@ def _add_data_options(g):
 
 
 def _add_model_options(g):
-    g.add_argument("--preset", default="tiny", help="model preset of fqdetr.models.PRESETS (default tiny)")
+    g.add_argument("--preset", default="tiny",
+                   help="model preset: DETR's (fqdetr.models.PRESETS: tiny, r50, ...) or Deformable DETR's "
+                        "(fqdetr.models.DEFORMABLE_PRESETS: deformable_tiny, deformable_r50, ...; default tiny)")
     g.add_argument("--norm", choices=["frozen", "batch"], default=None,
                    help="backbone normalisation (default: the preset's; 'batch' for training from scratch)")
     g.add_argument("--dilation", action="store_true", help="dilate the last ResNet stage (stride 16, DC5)")
     for flag, (typ, _, text) in ARCH_FLAGS.items():
         g.add_argument(flag, type=typ, default=None, help=f"{text} (default: the preset's)")
+    for flag, (_, _, text) in DEFORMABLE_FLAGS.items():
+        g.add_argument(flag, type=positive_int, default=None, help=f"Deformable DETR: {text} (default: the preset's)")
     g.add_argument("--no-aux-loss", action="store_true", help="no auxiliary decoder losses")
-    g.add_argument("--eos-coef", type=float, default=0.1, help="no-object class weight (default 0.1)")
+    g.add_argument("--eos-coef", type=float, default=0.1,
+                   help="DETR's no-object class weight (default 0.1; Deformable DETR has no such class)")
 
 
 def _add_optimisation_options(g):
@@ -110,9 +123,19 @@ def _add_run_options(g):
 
 
 def _arch(args):
-    """build_detr keyword overrides from the model flags (those left at None keep the preset's)."""
-    arch = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (_, key, _) in ARCH_FLAGS.items()}
-    arch = {k: v for k, v in arch.items() if v is not None}
+    """Preset keyword overrides from the model flags (those left at None keep the preset's)."""
+    from fqdetr.engine.family import DEFORMABLE, family_of_preset
+
+    def given(flags):
+        return {key: getattr(args, flag[2:].replace("-", "_")) for flag, (_, key, _) in flags.items()
+                if getattr(args, flag[2:].replace("-", "_")) is not None}
+
+    arch = given(ARCH_FLAGS)
+    deformable = given(DEFORMABLE_FLAGS)
+    if deformable and not args.resume and family_of_preset(args.preset).name != DEFORMABLE:
+        flags = sorted(f for f in DEFORMABLE_FLAGS if DEFORMABLE_FLAGS[f][1] in deformable)
+        raise ValueError(f"{', '.join(flags)}: only for Deformable DETR presets, not --preset {args.preset}")
+    arch.update(deformable)
     if args.norm:
         arch["norm"] = args.norm
     if args.dilation:

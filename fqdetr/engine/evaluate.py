@@ -1,4 +1,4 @@
-"""Run a DETR over a loader and evaluate its detections with fqdetr.evaluation."""
+"""Run a detector (DETR or Deformable DETR) over a loader and evaluate its detections with fqdetr.evaluation."""
 from typing import Any, Dict, List
 
 import torch
@@ -6,7 +6,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fqdetr.evaluation import evaluate_detections
-from fqdetr.models import PostProcess
+from fqdetr.engine.family import class_probabilities, postprocess_for
 
 
 def coco_dataset_of(loader_or_dataset):
@@ -22,7 +22,7 @@ def coco_dataset_of(loader_or_dataset):
 
 def to_coco_results(predictions: List[Dict[str, torch.Tensor]], image_ids, label_to_cat_id,
                     min_score: float = 0.0) -> List[Dict[str, Any]]:
-    """PostProcess output (xyxy pixel boxes) -> COCO result dicts (xywh, category ids)."""
+    """Post-processed detections (xyxy pixel boxes) -> COCO result dicts (xywh, category ids)."""
     results = []
     for pred, image_id in zip(predictions, image_ids):
         boxes = pred["boxes"].clone()
@@ -36,15 +36,16 @@ def to_coco_results(predictions: List[Dict[str, torch.Tensor]], image_ids, label
 
 @torch.no_grad()
 def predict(model: nn.Module, loader, device="cpu", progress: bool = False):
-    """-> (PostProcess predictions per image, image ids, softmax probs [Q, C+1] per image)."""
+    """-> (the family's post-processed predictions per image, image ids, class probabilities per
+    image: DETR's softmax [Q, C+1], Deformable DETR's sigmoids [Q, C])."""
     model.eval()
-    postprocess = PostProcess()
+    postprocess = postprocess_for(model)
     preds, ids, probs = [], [], []
     for images, mask, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
         out = model((images.to(device), mask.to(device)))
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
         preds += [{k: v.cpu() for k, v in p.items()} for p in postprocess(out, sizes)]
-        probs += list(out["pred_logits"].float().softmax(-1).cpu())
+        probs += list(class_probabilities(model, out["pred_logits"]).cpu())
         ids += [int(t["image_id"]) for t in targets]
     return preds, ids, probs
 

@@ -38,15 +38,24 @@ from fqdetr.models import save_detr_checkpoint, weighted_loss
 log = logging.getLogger(__name__)
 
 
+# Deformable DETR's sampling-offset and reference-point projections train at lr x 0.1
+# (the official lr_linear_proj_mult): large steps there move the sampling locations far away.
+LINEAR_PROJ_NAMES, LINEAR_PROJ_LR_MULT = ("reference_points", "sampling_offsets"), 0.1
+
+
 def param_groups(model: nn.Module, lr: float, lr_backbone: float) -> list:
     """DETR's two groups: trainable parameters outside the backbone at ``lr``, those
-    whose name contains "backbone" at ``lr_backbone``."""
+    whose name contains "backbone" at ``lr_backbone``; Deformable DETR adds a third, its
+    LINEAR_PROJ_NAMES outside the backbone at ``lr * LINEAR_PROJ_LR_MULT``."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    main = [p for n, p in named if "backbone" not in n]
     backbone = [p for n, p in named if "backbone" in n]
-    groups = [{"params": main, "lr": lr}]
+    linear_proj = [p for n, p in named if "backbone" not in n and any(k in n for k in LINEAR_PROJ_NAMES)]
+    chosen = {id(p) for p in backbone + linear_proj}
+    groups = [{"params": [p for _, p in named if id(p) not in chosen], "lr": lr}]
     if backbone:
         groups.append({"params": backbone, "lr": lr_backbone})
+    if linear_proj:
+        groups.append({"params": linear_proj, "lr": lr * LINEAR_PROJ_LR_MULT})
     return groups
 
 
@@ -294,7 +303,7 @@ def _run_epoch(ctx: _Context, state: Dict, history: Dict) -> Optional[Dict]:
         state["epoch_step"] += 1
         records.append(rec)
         history["losses"].append(rec["loss"])
-        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.1e}")
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.1e}", refresh=False)  # redrawn at the bar's interval
         if ctx.config.log_every and state["step"] % ctx.config.log_every == 0:
             ctx.logger({"type": "step", "epoch": epoch, "step": state["step"], "lr": lr, **rec})
         if ctx.done(state):

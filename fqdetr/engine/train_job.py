@@ -23,7 +23,8 @@ from fqdetr.engine.loader import make_loader
 from fqdetr.engine.setup import load_datasets
 from fqdetr.engine.train import TrainConfig, train_detr
 from fqdetr.io import atomic_write, write_json
-from fqdetr.models import build_criterion, build_detr, load_detr_checkpoint
+from fqdetr.engine.family import build_model, criterion_for, family_of
+from fqdetr.models import load_detr_checkpoint
 from fqdetr.models.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ class TrainJob:
         checkpoint's, else max_size_for(image_size)).
     batch_size: per process. train_limit / val_limit: first N images (val_limit only for the
         evaluations during training; the final report uses the whole val split).
-    arch: keyword overrides of the preset (fqdetr.models.build_detr). seed: init, data order and
+    preset: a DETR or Deformable DETR preset (fqdetr.engine.family.build_model); arch: keyword
+        overrides of the preset. seed: init, data order and
         augmentation. threads: torch CPU threads. export: copy best.pth there at the end.
     command: the command line, stored in the checkpoints as ``train_command``.
     """
@@ -58,7 +60,7 @@ class TrainJob:
     val_limit: Optional[int] = None
     preset: str = "tiny"
     arch: Mapping[str, Any] = field(default_factory=dict)
-    eos_coef: float = 0.1
+    eos_coef: float = 0.1  # DETR's no-object weight (Deformable DETR's focal loss has none)
     seed: int = 42
     threads: Optional[int] = None
     export: Optional[str] = None
@@ -98,7 +100,7 @@ def _datasets(job: TrainJob, resumed: Optional[Mapping]):
 def _model(job: TrainJob, num_classes: int):
     if job.train.resume:
         return load_detr_checkpoint(job.train.resume)
-    return build_detr(job.preset, num_classes=num_classes, **job.arch)
+    return build_model(job.preset, num_classes=num_classes, **job.arch)
 
 
 def _train(job: TrainJob, info) -> Dict[str, Any]:
@@ -112,21 +114,21 @@ def _train(job: TrainJob, info) -> Dict[str, Any]:
     model = _model(job, coco.num_classes)  # the same on every rank (DDP broadcasts rank 0's)
     if info.rank > 0:  # distinct dropout / augmentation streams on the other ranks
         seed_everything(job.seed + info.rank)
-    criterion = build_criterion(coco.num_classes, dec_layers=model.config["dec_layers"],
-                                aux_loss=model.config["aux_loss"], eos_coef=job.eos_coef)
+    criterion = criterion_for(model, eos_coef=job.eos_coef)
     train_loader = make_loader(train_ds, job.batch_size, canvas, shuffle=True, seed=job.seed,
                                num_workers=job.num_workers, shard=True)
     val_sub = torch.utils.data.Subset(val_ds, range(min(job.val_limit, len(val_ds)))) if job.val_limit else val_ds
     val_loader = make_loader(val_sub, job.batch_size, canvas, shuffle=False, num_workers=job.num_workers)
     extra = {"categories": coco.coco.dataset["categories"], "label_to_cat_id": list(coco.label_to_cat_id),
              "num_classes": coco.num_classes, "image_size": job.image_size, "canvas": canvas,
-             "train_command": job.command}
+             "family": family_of(model).name, "train_command": job.command}
     config = dataclasses.replace(job.train, checkpoint_extra=dict(job.train.checkpoint_extra or {}, **extra))
     if info.is_main:
         os.makedirs(config.out_dir, exist_ok=True)
         write_json({"job": dataclasses.asdict(job), "model": model.config, "world_size": info.world_size},
                    os.path.join(config.out_dir, "config.json"), other=str)
-    log.info("training %s (%.2fM parameters) on %d images, %d classes, %d steps/epoch", job.preset,
+    log.info("training %s %s (%.2fM parameters) on %d images, %d classes, %d steps/epoch",
+             family_of(model).title, job.preset if not job.train.resume else job.train.resume,
              sum(p.numel() for p in model.parameters()) / 1e6, len(train_ds), coco.num_classes, len(train_loader))
     start = time.perf_counter()
     history = train_detr(model, criterion, train_loader, val_loader, config=config)
@@ -149,7 +151,8 @@ def _report_and_export(job: TrainJob, val_loader) -> None:
         return
     model = load_detr_checkpoint(best).to(cfg.device)
     result = evaluate_model(model, val_loader, device=cfg.device, progress=cfg.progress)["result"]
-    paths = evaluation.write_report(result, os.path.join(cfg.out_dir, "eval"), title=f"{job.preset} DETR, val split")
+    title = f"{family_of(model).title} ({job.preset if not cfg.resume else 'resumed'}), val split"
+    paths = evaluation.write_report(result, os.path.join(cfg.out_dir, "eval"), title=title)
     log.info("best model on the full val split: mAP %.4f AP50 %.4f -> %s", result["overall"]["AP"],
              result["overall"]["AP50"], paths["markdown"])
     if job.export:
