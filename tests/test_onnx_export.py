@@ -14,8 +14,8 @@ from fqdetr.deploy import OnnxDetector, evaluate_onnx, export_onnx
 from fqdetr.engine import evaluate_model, make_loader
 from fqdetr.engine.quantize import quantize_detr
 from fqdetr.engine.setup import checkpoint_geometry
-from fqdetr.models import build_detr, load_detr_checkpoint
-from fqdetr.quant import Quantizer, calibrate
+from fqdetr.models import build_deformable_detr, build_detr, load_detr_checkpoint
+from fqdetr.quant import QuantConfig, Quantizer, calibrate, quantize_model
 
 # 2-, 3- and 6-bit layers beside the 4-bit default and the 8-bit first conv and heads.
 ALLOCATION = {"transformer.encoder.layers.0.linear1": 3, "transformer.decoder.layers.0.self_attn": 2,
@@ -145,6 +145,24 @@ def test_unknown_quantized_layer_type_is_refused(exported, tmp_path):
     finally:
         qmodel.class_embed = original
     assert os.listdir(tmp_path) == []
+
+
+def test_deformable_detr_exports_with_grid_sample_and_dynamic_batch(tmp_path):
+    torch.manual_seed(0)
+    qmodel = quantize_model(build_deformable_detr("deformable_tiny", num_classes=5).eval(), QuantConfig(w_bits=4))
+    calibrate(qmodel, [_batch(2, 64, 64, pad=14)], progress=False)
+    qmodel.eval()
+    export_onnx(qmodel, tmp_path / "deformable.onnx", example_size=(64, 64))
+    model = onnx.load(tmp_path / "deformable.onnx")
+    assert model.opset_import[0].version == 21 and any(n.op_type == "GridSample" for n in model.graph.node)
+    # its sampling reads feature-map sizes as Python numbers: the image size is fixed, the batch is not
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, 64, 64]
+    detector = OnnxDetector(tmp_path / "deformable.onnx")
+    for images, mask in (_batch(2, 64, 64, pad=14), _batch(3, 64, 64)):
+        with torch.no_grad():
+            expected = qmodel((images, mask))
+        assert_parity(detector((images, mask)), expected)
 
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "detr_tiny_builtin.pth"

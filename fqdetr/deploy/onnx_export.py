@@ -65,7 +65,7 @@ def _traced(model, example, opset, dynamic_size, folder):
     raw = os.path.join(folder, "traced.onnx")
     with qdq_forward(model) as weights, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings on Python shapes; dynamic axes are checked by tests
-        torch.onnx.export(DetectorOutputs(model), example, raw, dynamo=False,
+        torch.onnx.export(DetectorOutputs(model).eval(), example, raw, dynamo=False,
                           opset_version=min(opset, _TRACER_MAX_OPSET), input_names=list(INPUT_NAMES),
                           output_names=list(OUTPUT_NAMES), dynamic_axes=_dynamic_axes(dynamic_size),
                           custom_opsets={MARKER_DOMAIN: 1})
@@ -91,12 +91,12 @@ def export_onnx(model, path, *, opset=21, example_size=(128, 128), dynamic_size=
     device = next(model.parameters()).device
     images = torch.rand(1, 3, *example_size, device=device)
     mask = torch.zeros(1, *example_size, dtype=torch.bool, device=device)
-    was_training = model.training
-    model.eval()
+    modes = [(module, module.training) for module in model.modules()]  # restored one by one: mixed modes stay
     try:
         with tempfile.TemporaryDirectory() as folder:
             proto, weights = _traced(model, (images, mask), opset, dynamic_size, folder)
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     lower_weight_markers(proto, weights, opset)
     return atomic_write(path, lambda f: f.write(proto.SerializeToString()))
