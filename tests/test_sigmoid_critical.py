@@ -239,12 +239,13 @@ def test_fisher_traces_of_the_critical_objective_on_deformable_detr():
     traces = fisher_traces(model, [(images, mask, targets)], critical, progress=False)
     assert len(traces) > 30 and all(math.isfinite(v) and v >= 0 for v in traces.values())
     # tr(F_l) = 1/N sum_n ||d l_n / d W_l||^2, by autograd image by image
-    for name in ("transformer.decoder.layers.1.cross_attn.sampling_offsets",
-                 "transformer.encoder.layers.0.self_attn.value_proj", "transformer.decoder.layers.0.linear1"):
-        weight = model.get_submodule(name).weight
-        losses = critical(model((images, mask)), targets)
-        grads = [torch.autograd.grad(losses[n], weight, retain_graph=True)[0] for n in range(2)]
-        expected = sum(float(g.square().sum()) for g in grads) / 2
+    names = ("transformer.decoder.layers.1.cross_attn.sampling_offsets",
+             "transformer.encoder.layers.0.self_attn.value_proj", "transformer.decoder.layers.0.linear1")
+    weights = [model.get_submodule(name).weight for name in names]
+    losses = critical(model((images, mask)), targets)
+    grads = [torch.autograd.grad(losses[n], weights, retain_graph=True) for n in range(2)]
+    for k, name in enumerate(names):
+        expected = sum(float(g[k].square().sum()) for g in grads) / 2
         assert expected > 0 and traces[name] == pytest.approx(expected, rel=1e-4), name
 
 
