@@ -17,9 +17,10 @@ from fqdetr.engine.setup import checkpoint_geometry
 from fqdetr.models import build_deformable_detr, build_detr, load_detr_checkpoint
 from fqdetr.quant import QuantConfig, Quantizer, calibrate, quantize_model
 
-# 2-, 3- and 6-bit layers beside the 4-bit default and the 8-bit first conv and heads.
+# 2-, 3- and 6-bit layers beside the 4-bit default and the 8-bit first conv and heads; one layer
+# with 5-bit activations (Q/DQ at 8 bits, then clipped to the 5-bit range).
 ALLOCATION = {"transformer.encoder.layers.0.linear1": 3, "transformer.decoder.layers.0.self_attn": 2,
-              "transformer.encoder.layers.1.linear2": 6}
+              "transformer.encoder.layers.1.linear2": {"w_bits": 6, "a_bits": 5}}
 
 
 def _batch(n, height, width, pad=0):
@@ -89,6 +90,7 @@ def test_weights_are_integer_initializers_at_their_bit_width(exported):
     codes = numpy_helper.to_array(layers["transformer.encoder.layers.0.linear1"][0][0]).astype(np.int32)
     assert codes.max() == 3
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) >= len(layers)
+    assert sum(n.op_type == "Clip" for n in model.graph.node) == 1  # the 5-bit activations
     assert not any(n.domain for n in model.graph.node)
 
 

@@ -68,6 +68,7 @@ class ActivationQDQ(torch.autograd.Function):
 
 
 def _activation(quantizer, x):
+    """x through an activation quantizer's QDQ form (unchanged without an enabled quantizer)."""
     if quantizer is None or not quantizer.enabled:
         return x
     return ActivationQDQ.apply(x, float(quantizer.scale.item()), quantizer.bits, bool(quantizer.signed))
@@ -79,18 +80,16 @@ class _Weights:
     def __init__(self):
         self.codes = {}
 
-    def marked(self, layer, weight, quantizer, rows=None, transpose=False):
-        """A function giving the fake-quantized weight (rows of it; transposed to [in, out] for a
-        MatMul) through a marker: called inside the traced forward, so the marker is traced."""
-        scale, rows = quantizer.scale.detach().float(), slice(None) if rows is None else rows
-        codes = reference.integer_codes(weight.detach()[rows].float(), scale[rows], quantizer.bits, True, axis=0)
-        scale = scale[rows]
-        dequantized = codes.float() * scale.reshape([-1] + [1] * (codes.dim() - 1))
+    def marked(self, layer, weight, quantizer, rows=slice(None), transpose=False):
+        """A function giving the fake-quantized ``weight[rows]`` (transposed to [in, out] for a
+        MatMul) through a WeightMarker; called inside the traced forward, so the marker is traced."""
+        scale = quantizer.scale.detach().float()[rows]
+        codes = reference.integer_codes(weight.detach()[rows].float(), scale, quantizer.bits, True, axis=0)
+        dequantized = (codes.float() * scale.reshape([-1] + [1] * (codes.dim() - 1))).to(weight.dtype)
         if transpose:
             codes, dequantized = codes.t(), dequantized.t()
         key = f"{layer}.{len(self.codes)}"
         self.codes[key] = WeightCodes(layer, codes.contiguous(), scale.clone(), int(transpose), quantizer.bits)
-        dequantized = dequantized.to(weight.dtype)
         return lambda: WeightMarker.apply(weight, dequantized, key)
 
 
