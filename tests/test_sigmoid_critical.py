@@ -240,7 +240,9 @@ def test_fisher_traces_of_the_critical_objective_on_deformable_detr():
     assert len(traces) > 30 and all(math.isfinite(v) and v >= 0 for v in traces.values())
     # tr(F_l) = 1/N sum_n ||d l_n / d W_l||^2, by autograd image by image
     names = ("transformer.decoder.layers.1.cross_attn.sampling_offsets",
-             "transformer.encoder.layers.0.self_attn.value_proj", "transformer.decoder.layers.0.linear1")
+             "transformer.encoder.layers.0.self_attn.value_proj", "transformer.decoder.layers.0.linear1",
+             "class_embed.0", "bbox_embed.0.layers.2")  # the heads every decoder layer shares
+    assert model.class_embed[1] is model.class_embed[0]  # still one (quantized) module
     weights = [model.get_submodule(name).weight for name in names]
     losses = critical(model((images, mask)), targets)
     grads = [torch.autograd.grad(losses[n], weights, retain_graph=True) for n in range(2)]

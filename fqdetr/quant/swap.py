@@ -62,7 +62,15 @@ def _with_modes_of(float_module, qmodule):
 
 
 def _swap_children(parent, prefix, config, report):
-    for child_name, child in parent.named_children():
+    # A module held under several names (Deformable DETR's shared class_embed.{i}) gets one
+    # quantized copy under all of them; named_children would list it only once.
+    copies = {}
+    for child_name, child in list(parent._modules.items()):
+        if child is None:
+            continue
+        if id(child) in copies:
+            setattr(parent, child_name, copies[id(child)])
+            continue
         name = f"{prefix}.{child_name}" if prefix else child_name
         target = _swap_target(child)
         if target is None:
@@ -76,7 +84,7 @@ def _swap_children(parent, prefix, config, report):
         if layer_cfg is None:
             report.skipped.append(name)
             continue
-        qchild = _with_modes_of(child, target.from_float(child, layer_cfg))
+        qchild = copies[id(child)] = _with_modes_of(child, target.from_float(child, layer_cfg))
         setattr(parent, child_name, qchild)
         report.swapped[name] = _describe(qchild, layer_cfg)
 
@@ -111,10 +119,13 @@ def to_float(model, inplace=False):
         model = copy.deepcopy(model)
     if isinstance(model, QUANT_MODULES):
         return model.to_float()
-    for name, child in model.named_children():
+    copies = {}  # a module shared under several names stays shared (see _swap_children)
+    for name, child in list(model._modules.items()):
         if isinstance(child, QUANT_MODULES):
-            setattr(model, name, child.to_float())
-        else:
+            if id(child) not in copies:
+                copies[id(child)] = child.to_float()
+            setattr(model, name, copies[id(child)])
+        elif child is not None:
             to_float(child, inplace=True)
     return model
 

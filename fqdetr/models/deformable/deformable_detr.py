@@ -12,7 +12,7 @@ from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ..detr import MLP
 from ..misc import NestedTensor, SampleLike, to_nested_tensor
@@ -108,20 +108,33 @@ class DeformableDETR(nn.Module):
             pos.append(self.backbone[1](NestedTensor(src, mask)).to(src.dtype))
         return srcs, masks, pos
 
+    def _heads(self, hs: Tensor):
+        """hs [L, B, Q, d] -> class logits [L, B, Q, C] and box deltas [L, B, Q, 4] of every decoder layer.
+
+        Shared heads (no box refinement) run once on every layer's output, batch-first: a layer
+        called once per forward gets one gradient per image, which the per-image Fisher squares
+        (a call per decoder layer would square each layer's share separately, docs/METHOD.md 2.2).
+        """
+        if all(c is self.class_embed[0] for c in self.class_embed[:len(hs)]) and \
+                all(b is self.bbox_embed[0] for b in self.bbox_embed[:len(hs)]):
+            x = hs.transpose(0, 1)
+            return self.class_embed[0](x).transpose(0, 1), self.bbox_embed[0](x).transpose(0, 1)
+        return (torch.stack([self.class_embed[i](h) for i, h in enumerate(hs)]),
+                torch.stack([self.bbox_embed[i](h) for i, h in enumerate(hs)]))
+
     def forward(self, samples: SampleLike) -> Dict[str, object]:
         samples = to_nested_tensor(samples)
         srcs, masks, pos = self._levels(samples)
         query_embed = None if self.two_stage else self.query_embed.weight
         hs, init_ref, refs, enc_class, enc_coord = self.transformer(srcs, masks, pos, query_embed)
-        logits, boxes = [], []
+        logits, deltas = self._heads(hs)
+        boxes = []
         for i in range(hs.shape[0]):
             reference = inverse_sigmoid(init_ref if i == 0 else refs[i - 1])
-            delta = self.bbox_embed[i](hs[i])
             if reference.shape[-1] == 4:
-                box = delta + reference
+                box = deltas[i] + reference
             else:  # 2-D reference point: it sets the centre, the head predicts the size
-                box = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
-            logits.append(self.class_embed[i](hs[i]))
+                box = torch.cat([deltas[i][..., :2] + reference, deltas[i][..., 2:]], -1)
             boxes.append(box.sigmoid())
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
