@@ -96,6 +96,7 @@ def test_deformable_round_trip_is_bit_exact(tmp_path):
     qmodel = _quantized(build_deformable_detr("deformable_tiny", num_classes=5))
     save_packed(qmodel, tmp_path / "deformable.fqp")
     loaded = load_packed(tmp_path / "deformable.fqp")
+    assert loaded.class_embed[0] is loaded.class_embed[1]  # one shared head, as quantize_model made it
     images, mask = _inputs()
     expected, got = qmodel((images, mask)), loaded((images, mask))
     assert torch.equal(got["pred_logits"], expected["pred_logits"])
@@ -143,3 +144,9 @@ def test_codes_that_do_not_fit_their_bit_width_error_with_the_weight(detr_files,
 
     with pytest.raises(ValueError, match="packed codes and header disagree"):
         load_packed(_rewritten(root, tmp_path, drop_codes))
+
+    def drop_float_layers(header, codes):
+        del header["float_layers"]
+
+    with pytest.raises(ValueError, match=r"edited.fqp: header lacks float_layers \(list\)"):
+        load_packed(_rewritten(root, tmp_path, drop_float_layers))

@@ -6,7 +6,7 @@
 The file is a torch file of plain containers (loads with ``weights_only=True``):
 ``{"header": JSON text, "codes": {state key: uint8 packed codes}, "state": {state key: tensor}}``.
 The header names the detector family and its config, each quantized layer's
-LayerQuantConfig, the bit-width and shape of every packed
+LayerQuantConfig, the layers left in float, the bit-width and shape of every packed
 weight and the quantizers' extra state (bits, signed). ``state`` is the float remainder:
 biases, norms, embeddings and every quantizer scale. A weight is stored as its integer
 codes round(W / s) clamped to its bit-width (docs/METHOD.md section 5); loading sets the
@@ -22,12 +22,14 @@ import torch
 from fqdetr.deploy.bitpack import pack_codes, packed_nbytes, unpack_codes
 from fqdetr.io import atomic_torch_save
 from fqdetr.models.checkpoint import checkpoint_family, model_from_checkpoint
-from fqdetr.quant import LayerQuantConfig, QuantMultiheadAttention, quantized_modules, quantized_weights
+from fqdetr.quant import QuantConfig, QuantMultiheadAttention, quantize_model, quantized_modules, quantized_weights
 from fqdetr.quant.swap import _swap_target
 from fqkernels import reference
 
 FORMAT = "fqdetr-packed"
 VERSION = 1
+_HEADER_FIELDS = {"config": dict, "quant_layers": dict, "float_layers": list, "weights": dict, "extra_state": dict,
+                  "metadata": dict}
 
 
 def _weight_key(name, module):
@@ -47,8 +49,9 @@ def _header(model, weights, extra_state, metadata):
     if not isinstance(config, dict):
         raise ValueError(f"model: expected a quantized DETR / Deformable DETR carrying .config, got "
                          f"{type(model).__name__} without one")
+    float_layers = [n for n, m in model.named_modules() if _swap_target(m) is not None]
     return {"format": FORMAT, "version": VERSION, "family": checkpoint_family(model.state_dict()),
-            "config": config, "quant_layers": _swapped_layers(model),
+            "config": config, "quant_layers": _swapped_layers(model), "float_layers": float_layers,
             "weights": weights, "extra_state": extra_state, "metadata": metadata or {}}
 
 
@@ -94,6 +97,9 @@ def _read(path):
     if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
         raise ValueError(f"{path}: expected a {FORMAT} version {VERSION} header, got "
                          f"{header.get('format') if isinstance(header, dict) else type(header).__name__}")
+    absent = [f"{k} ({kind.__name__})" for k, kind in _HEADER_FIELDS.items() if not isinstance(header.get(k), kind)]
+    if absent:
+        raise ValueError(f"{path}: header lacks {', '.join(absent)}")
     missing = sorted(set(header["weights"]) ^ set(codes))
     if missing:
         raise ValueError(f"{path}: packed codes and header disagree on weights {missing[:5]}")
@@ -112,21 +118,6 @@ def _unpacked_weight(path, key, info, packed, scale):
     return rows.reshape(shape)
 
 
-def _requantized(model, layers):
-    """``model`` with each named layer swapped for its quantized version under its saved
-    LayerQuantConfig. By name rather than through quantize_model: a module reachable under two
-    names (Deformable DETR's shared class_embed) was swapped under each of them."""
-    for name, config in layers.items():
-        parent_name, _, child_name = name.rpartition(".")
-        parent, child = model.get_submodule(parent_name), model.get_submodule(name)
-        quant_type = _swap_target(child)
-        if quant_type is None:
-            raise ValueError(f"{name}: saved as a quantized layer, but the rebuilt model has a "
-                             f"{type(child).__name__} there")
-        setattr(parent, child_name, quant_type.from_float(child, LayerQuantConfig(**config)))
-    return model
-
-
 def load_packed(path, with_metadata=False):
     """The quantized model saved by save_packed, in eval mode (and the header's metadata
     when ``with_metadata``). Corrupt files and codes that do not fit their bit-width raise
@@ -139,7 +130,9 @@ def load_packed(path, with_metadata=False):
     float_model = model_from_checkpoint({"args": header["config"]}, sd)
     if checkpoint_family(sd) != header["family"]:
         raise ValueError(f"{path}: header says {header['family']}, the weights are a {checkpoint_family(sd)}")
-    model = _requantized(float_model, header["quant_layers"])
+    # every swappable layer is named, either quantized with its config or skipped
+    config = QuantConfig(layers=header["quant_layers"], skip=header["float_layers"])
+    model = quantize_model(float_model, config, inplace=True)
     sd.update(header["extra_state"])
     model.load_state_dict(sd, strict=True)
     model.eval()
