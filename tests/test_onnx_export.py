@@ -104,15 +104,21 @@ def test_opset_too_old_for_4bit_weights_leaves_nothing(exported, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_8bit_model_exports_at_opset_17(tmp_path):
+def test_8bit_model_with_quantized_attention_products_exports_at_opset_17(tmp_path):
     torch.manual_seed(0)
-    qmodel = quantize_detr(build_detr("tiny", num_classes=3, enc_layers=1, dec_layers=1).eval(), w_bits=8)
+    config = QuantConfig(w_bits=8, quantize_attention=True)  # Q K^T and A V operands get Q/DQ pairs too
+    qmodel = quantize_model(build_detr("tiny", num_classes=3, enc_layers=1, dec_layers=1).eval(), config)
     images, mask = _batch(2, 64, 64, pad=8)
     calibrate(qmodel, [(images, mask)], progress=False)
     export_onnx(qmodel, tmp_path / "w8.onnx", opset=17, example_size=(64, 64))
     model, inits = _initializers(tmp_path / "w8.onnx")
     assert model.opset_import[0].version == 17
     assert {i.data_type for n, i in inits.items() if n.endswith(".codes")} == {TensorProto.INT8}
+    attention_qdq = [n.name for n in model.graph.node if n.op_type == "QuantizeLinear" and "attn/" in n.name
+                     and "out_proj" not in n.name]
+    # 3 attention layers (encoder self, decoder self and cross), each quantizing its 3 projection
+    # inputs and the 4 operands of Q K^T and A V
+    assert len(attention_qdq) == 3 * 7
     with torch.no_grad():
         expected = qmodel.eval()((images, mask))
     assert_parity(OnnxDetector(tmp_path / "w8.onnx")((images, mask)), expected)
