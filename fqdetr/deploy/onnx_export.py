@@ -12,6 +12,12 @@ encodings, grid_sample) is translated by torch itself, and only the weights, whi
 cannot type below 8 bits, go through our own post-pass (fqdetr.deploy.onnx_graph). That
 exporter tops out at opset 20: opset 21 (int4) is written by raising the opset of the
 traced graph, whose ops opset 21 only extends with new types.
+
+Parity with the fake-quant model (fqdetr.deploy.OnnxDetector runs it with onnxruntime): the
+same arithmetic up to float32 rounding; QuantizeLinear computes x / s where torch computes
+x * (1 / s), so a value within rounding of a code boundary can take the neighbouring code.
+On a trained W4A8 DETR that moves outputs as much as 1e-6 of input noise does in torch alone
+(tests/test_onnx_export.py states the tolerances and the measured noise floor).
 """
 import os
 import tempfile
@@ -56,7 +62,8 @@ def _check_arguments(opset, example_size):
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset: expected an int in {MIN_OPSET}..{MAX_OPSET} (grid_sample needs "
                          f"{MIN_OPSET}, int4 weights {MAX_OPSET}), got {opset!r}")
-    if len(example_size) != 2 or not all(isinstance(v, int) and v >= 32 for v in example_size):
+    if not isinstance(example_size, (tuple, list)) or len(example_size) != 2 or \
+            not all(isinstance(v, int) and v >= 32 for v in example_size):
         raise ValueError(f"example_size: expected (height, width), ints >= 32, got {example_size!r}")
 
 
