@@ -106,3 +106,75 @@ def test_evaluation_keeps_the_best_pairs_per_image(trained, tiny_data):
     result = evaluate_model(model, loader)
     assert len(result["detections"]) == 100 * len(val)
     assert 0.0 <= result["result"]["overall"]["AP"] <= 1.0
+
+
+def _quantized_small(**overrides):
+    """A quantized (w4a8, 8-bit first conv and heads) small deformable_tiny, scales set on noise."""
+    from fqdetr.engine.quantize import quantize_detr
+
+    model = build_deformable_detr("deformable_tiny", num_classes=NUM_CLASSES, **{**SMALL, **overrides}).eval()
+    qmodel = quantize_detr(model, w_bits=4)
+    qmodel(torch.rand(2, 3, 64, 64))  # initialise the activation scales
+    return qmodel
+
+
+@pytest.mark.parametrize("overrides", [{}, {"with_box_refine": True}])
+def test_heads_and_first_conv_stay_at_8_bits_and_shared_heads_stay_shared(overrides):
+    from fqdetr.engine.quantize import fixed_bounds
+    from fqdetr.quant import QuantConv2d, QuantLinear, quantized_modules, to_float
+
+    qmodel = _quantized_small(**overrides)
+    modules = quantized_modules(qmodel)
+    bounds = fixed_bounds(qmodel)
+    heads = [n for n in modules if "class_embed" in n or "bbox_embed" in n]
+    assert heads and set(bounds) == {"backbone.0.body.conv1", *heads}
+    assert all(modules[n].weight_quantizer.bits == 8 for n in bounds)
+    assert all(m.weight_quantizer.bits == 4 for n, m in modules.items() if n not in bounds)
+    # every decoder layer's head is quantized, the final one included
+    assert all(isinstance(head, QuantLinear) for head in qmodel.class_embed)
+    assert (qmodel.class_embed[0] is qmodel.class_embed[-1]) == (not overrides)
+    # input projections: the convolutions quantized, GroupNorm left float
+    assert isinstance(qmodel.input_proj[0][0], QuantConv2d) and type(qmodel.input_proj[0][1]) is torch.nn.GroupNorm
+    restored = to_float(qmodel)
+    assert type(restored.class_embed[-1]) is torch.nn.Linear
+    assert (restored.class_embed[0] is restored.class_embed[-1]) == (not overrides)
+
+
+# Fake quantization on: a float32 rounding difference between the batched and the one-image
+# convolutions can move a backbone activation across a rounding boundary (docs/METHOD.md section 7),
+# so the backbone is compared with fake quantization off, where the two agree to float32 rounding.
+FISHER_LAYERS = {False: ["backbone.0.body.layer1.0.conv1", "input_proj.1.0"],
+                 True: ["transformer.encoder.layers.0.self_attn.sampling_offsets",
+                        "transformer.decoder.layers.1.cross_attn.value_proj", "transformer.decoder.layers.0.linear2",
+                        "class_embed.0", "bbox_embed.0.layers.2"]}
+
+
+@pytest.mark.parametrize("fake_quant, objective", [(False, "overall"), (True, "critical")])
+def test_fisher_collector_matches_a_per_image_autograd_loop(tiny_data, fake_quant, objective):
+    """Exact per-image Fisher on the quantized deformable model: one backward per image gives the
+    same sum of squared gradients, for a backbone conv, an input projection, deformable attention's
+    projections, an FFN and the head shared by both decoder layers (focal and critical objectives)."""
+    from fqdetr.engine.loader import make_loader
+    from fqdetr.engine.setup import critical_setup, load_datasets
+    from fqdetr.fisher import FisherCollector
+    from fqdetr.quant import set_fake_quant
+    from fqdetr.sensitivity import batch_dims_of
+
+    qmodel = set_fake_quant(_quantized_small(), fake_quant)
+    val = load_datasets(tiny_data, 64)["val"]
+    images, mask, targets = next(iter(make_loader(val, 2, max_size_for(64), shuffle=False)))
+    _, objectives, _, _ = critical_setup(qmodel, val, "person")
+    layers = FISHER_LAYERS[fake_quant] + (FISHER_LAYERS[True] if not fake_quant else [])
+    weights = {n: m.weight for n, m in qmodel.named_modules() if n in layers}
+    with FisherCollector(qmodel, layers=layers, batch_dims=batch_dims_of(qmodel)) as fc:
+        fc.backward(objectives[objective](qmodel((images, mask)), targets))
+    expected = {n: torch.zeros_like(w, dtype=torch.float64) for n, w in weights.items()}
+    for i in range(len(targets)):
+        qmodel.zero_grad()
+        objectives[objective](qmodel((images[i:i + 1], mask[i:i + 1])), targets[i:i + 1]).sum().backward()
+        for n, w in weights.items():
+            expected[n] += w.grad.double().square()
+    assert set(fc.sums) == set(layers) and fc.num_samples == 2
+    for n, want in expected.items():
+        assert want.norm() > 0, (objective, n)
+        assert (fc.sums[n].double() - want).norm() / want.norm() < 1e-4, (objective, n)

@@ -21,7 +21,7 @@ def add_common(p, data=True):
     """--config, --model, --out and (with ``data``) the dataset arguments."""
     p.add_argument("--config", metavar="FILE", help="JSON or YAML file of defaults for these options "
                                                     "(keys are the option names with '_'); flags override it")
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="DETR checkpoint (default: the shipped one)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="DETR or Deformable DETR checkpoint (default: the shipped DETR)")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder for the outputs")
     if data:
         g = p.add_argument_group("data")
@@ -172,6 +172,7 @@ def prepare(args, train_images=400):
     import torch
 
     from fqdetr.data import class_names_of
+    from fqdetr.engine.family import num_classes_of
     from fqdetr.engine.loader import make_loader
     from fqdetr.engine.setup import checkpoint_geometry, critical_setup, load_datasets
     from fqdetr.models import load_detr_checkpoint
@@ -185,9 +186,9 @@ def prepare(args, train_images=400):
     image_size, canvas = checkpoint_geometry(args.model, args.image_size)
     data = load_datasets(args.data, image_size, max(train_images, val_images), val_images,
                          class_names=class_names_of(read_checkpoint(args.model)))
-    if data["val"].num_classes != model.class_embed.out_features - 1:
+    if data["val"].num_classes != num_classes_of(model):
         raise ValueError(f"--data: {args.data} has {data['val'].num_classes} categories, the model "
-                         f"{args.model} {model.class_embed.out_features - 1} classes")
+                         f"{args.model} {num_classes_of(model)} classes")
     train_eval = torch.utils.data.Subset(data["train"], range(min(val_images, len(data["train"]))))
     loaders = {"val": make_loader(data["val"], args.batch_size, canvas, shuffle=False),
                "train": make_loader(train_eval, args.batch_size, canvas, shuffle=False)}

@@ -8,7 +8,7 @@ column (``DeformableSetCriterion`` with the focal loss, ``TopKPostProcess``: the
 family itself.
 """
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping
+from typing import Any, Callable, Dict, Mapping, Tuple
 
 from torch import nn
 
@@ -24,7 +24,9 @@ class Family:
 
     no_object_columns: logit columns past the real classes (1 for DETR's no-object, 0 for sigmoid
     heads); criterion(num_classes, model config, eos_coef) -> the training criterion;
-    postprocess() -> outputs + sizes -> detections; title: for reports.
+    postprocess() -> outputs + sizes -> detections; eight_bit_layers: fnmatch patterns of the
+    layers kept at 8 bits (docs/METHOD.md section 5.4: the first convolution and the prediction
+    heads); title: for reports.
     """
 
     name: str
@@ -34,6 +36,7 @@ class Family:
     criterion: Callable[[int, Mapping[str, Any], float], nn.Module]
     postprocess: Callable[[], nn.Module]
     no_object_columns: int
+    eight_bit_layers: Tuple[str, ...]
 
 
 def _detr_criterion(num_classes: int, config: Mapping[str, Any], eos_coef: float) -> nn.Module:
@@ -49,9 +52,13 @@ def _deformable_criterion(num_classes: int, config: Mapping[str, Any], eos_coef:
 
 
 FAMILIES: Dict[str, Family] = {
-    DETR: Family(DETR, "DETR", PRESETS, build_detr, _detr_criterion, PostProcess, 1),
+    DETR: Family(DETR, "DETR", PRESETS, build_detr, _detr_criterion, PostProcess, 1,
+                 ("backbone.0.body.conv1", "class_embed", "bbox_embed.*")),
+    # One head per decoder layer; with box refinement the decoder holds the same heads and
+    # its names (transformer.decoder.bbox_embed.*) come first, hence the leading "*".
     DEFORMABLE: Family(DEFORMABLE, "Deformable DETR", DEFORMABLE_PRESETS, build_deformable_detr,
-                       _deformable_criterion, TopKPostProcess, 0),
+                       _deformable_criterion, TopKPostProcess, 0,
+                       ("backbone.0.body.conv1", "*class_embed.*", "*bbox_embed.*")),
 }
 
 

@@ -1,28 +1,28 @@
-"""Quantizing a DETR for the method: its default config, applying a bit allocation,
-calibration on a loader, and the layer sizes / weights the allocation needs."""
+"""Quantizing a DETR or a Deformable DETR for the method: its default config, applying a bit
+allocation, calibration on a loader, and the layer sizes / weights the allocation needs."""
+import fnmatch
 import numbers
 
 import torch
 
 import fqkernels as fk
+from fqdetr.engine.family import FAMILIES, DETR, family_of
 from fqdetr.quant import QuantConfig, calibrate, quantize_model, quantized_modules, quantized_weights
 
-# docs/METHOD.md section 5.4: the first convolution and the prediction heads stay at 8 bits.
-EIGHT_BIT_LAYERS = ("backbone.0.body.conv1", "class_embed", "bbox_embed.*")
 
-
-def detr_quant_config(w_bits=4, a_bits=8, **kwargs):
-    """QuantConfig for DETR: ``w_bits`` everywhere except the first conv and the heads (8 bit)."""
-    return QuantConfig(w_bits=w_bits, a_bits=a_bits, layers={p: {"w_bits": 8} for p in EIGHT_BIT_LAYERS},
+def detr_quant_config(w_bits=4, a_bits=8, eight_bit_layers=FAMILIES[DETR].eight_bit_layers, **kwargs):
+    """QuantConfig: ``w_bits`` everywhere except the ``eight_bit_layers`` patterns (default DETR's
+    first conv and heads; a model's own: fqdetr.engine.family.family_of(model).eight_bit_layers),
+    which get 8 bits (docs/METHOD.md section 5.4). Input projections' convolutions are swapped
+    like any other; normalisation layers (Deformable DETR's GroupNorm) stay float."""
+    return QuantConfig(w_bits=w_bits, a_bits=a_bits, layers={p: {"w_bits": 8} for p in eight_bit_layers},
                        **kwargs)
 
 
 def fixed_bounds(model):
-    """{layer: (8, 8)} for the layers kept at 8 bits (docs/METHOD.md section 5.4)."""
-    import fnmatch
-
-    return {n: (8, 8) for n in quantized_modules(model)
-            if any(fnmatch.fnmatchcase(n, p) for p in EIGHT_BIT_LAYERS)}
+    """{layer: (8, 8)} for the layers of ``model``'s family kept at 8 bits (docs/METHOD.md section 5.4)."""
+    patterns = family_of(model).eight_bit_layers
+    return {n: (8, 8) for n in quantized_modules(model) if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
 
 
 def layer_weights(model):
@@ -86,7 +86,7 @@ def quantize_detr(model, allocation=None, w_bits=4, a_bits=8, calib_loader=None,
     """A quantized copy of ``model`` (uniform ``w_bits`` / ``a_bits``, then per layer as
     ``allocation`` gives them), activation scales calibrated on ``calib_batches`` batches of
     ``calib_loader`` when given."""
-    qmodel = quantize_model(model, detr_quant_config(w_bits, a_bits))
+    qmodel = quantize_model(model, detr_quant_config(w_bits, a_bits, family_of(model).eight_bit_layers))
     if allocation is not None:
         apply_allocation(qmodel, allocation)
     if calib_loader is not None:

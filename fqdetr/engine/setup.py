@@ -1,10 +1,10 @@
 """Shared set-up of the method's runs: data, criterion and objectives, evaluation."""
 import logging
 
-from fqdetr.critical import category_sets
+from fqdetr.critical import category_sets, criterion_like
 from fqdetr.data import CocoDetection, make_transforms, max_size_for, resolve_dataset, train_scales
 from fqdetr.engine.evaluate import evaluate_model
-from fqdetr.models import SetCriterion, build_criterion
+from fqdetr.engine.family import criterion_for
 from fqdetr.sensitivity import detr_objectives
 
 log = logging.getLogger(__name__)
@@ -40,21 +40,16 @@ def load_datasets(data_dir, image_size=128, num_train=400, num_val=200, class_na
 
 def critical_setup(model, dataset, critical="person", alpha=1.0):
     """(criterion, objectives {"overall", "critical", "mix"}, critical labels S, critical sets
-    for evaluation: the chosen one plus every supercategory)."""
+    for evaluation: the chosen one plus every supercategory), for a DETR or a Deformable DETR."""
     cats = dataset.coco.loadCats(dataset.cat_ids)
     # "a+b" joins members into one set; digits are category ids (as fqdetr eval reads them).
     members = [int(m) if m.strip().isdigit() else m.strip() for m in critical.split("+")]
     S = next(iter(category_sets(cats, [members]).values()))
     sets = {critical: critical}
     sets.update({s: s for s in sorted({c["supercategory"] for c in cats})})
-    config = getattr(model, "config", {})
-    criterion = build_criterion(model.class_embed.out_features - 1, dec_layers=config.get("dec_layers", 6),
-                                aux_loss=config.get("aux_loss", True))
-
-    def make_criterion(n):
-        return SetCriterion(n, criterion.matcher, criterion.weight_dict, eos_coef=criterion.eos_coef)
-
-    return criterion, detr_objectives(criterion, make_criterion, S, alpha=alpha), S, sets
+    criterion = criterion_for(model)  # the model family's: DETR's softmax CE or Deformable DETR's focal loss
+    objectives = detr_objectives(criterion, lambda n: criterion_like(criterion, n), S, alpha=alpha)
+    return criterion, objectives, S, sets
 
 
 def evaluate_splits(model, loaders, sets):
