@@ -1,10 +1,10 @@
 """Per-sample Fisher of a 2-D convolution's weight, on top of the linear kernel.
 
 The unfolded input of a convolution is X_n [Ho*Wo, C/groups*kh*kw] per group, so its
-per-sample weight gradient is the linear layer's D_n^T X_n. Small feature maps are
-unfolded in bounded chunks and go through ``per_sample_fisher``; large ones (T = Ho*Wo
-in the tens of thousands) take G_n from torch's convolution weight-gradient kernel,
-which never unfolds, one sample at a time into a weight-sized buffer.
+per-sample weight gradient is the linear layer's D_n^T X_n. Small feature maps (T = Ho*Wo
+below WGRAD_MIN_T) are unfolded in bounded chunks and go through ``per_sample_fisher``;
+larger ones take G_n from torch's convolution weight-gradient kernel, which never
+unfolds, one sample at a time into a weight-sized buffer.
 
   conv2d_per_sample_fisher(x, grad_out, weight_shape, ...)  after a backward
   conv2d_with_fisher(x, weight, bias, fisher, ...)           F.conv2d whose backward
@@ -17,6 +17,10 @@ from fqkernels import checks
 from fqkernels.fisher import per_sample_fisher
 
 DEFAULT_CHUNK_BYTES = 32 << 20
+# From T = Ho*Wo outputs per sample, torch's weight-gradient kernel per sample beats unfolding:
+# 1.3-20x on the shipped tiny DETR's backbone convolutions at T = 540-8560 (benchmarks/RESULTS.md,
+# "Whole model"); at T = 140 neither wins everywhere.
+WGRAD_MIN_T = 512
 
 
 def _pair(v, name):
@@ -60,7 +64,7 @@ def _accumulate(x, grad_out, weight_shape, stride, padding, dilation, groups, fi
     if grad_weight is not None:
         grad_weight.zero_()
     sample_bytes = groups * kg * ho * wo * x.element_size()
-    if sample_bytes <= chunk_bytes:
+    if sample_bytes <= chunk_bytes and ho * wo < WGRAD_MIN_T:
         per_group = fisher.view(groups, og, kg)
         dw = grad_weight.view(groups, og, kg) if grad_weight is not None else None
         dw_chunk = torch.empty(og, kg, dtype=torch.float32, device=x.device) if dw is not None else None
@@ -91,8 +95,8 @@ def conv2d_per_sample_fisher(x, grad_out, weight_shape, stride=1, padding=0, dil
 
     x [N, C, H, W] is the convolution's input, grad_out [N, O, Ho, Wo] the gradient of the
     per-sample-summed loss w.r.t. its output. At most ``chunk_bytes`` of unfolded input
-    exist at a time; samples whose own unfolded input exceeds that use torch's weight-
-    gradient kernel one sample at a time. ``out``: optional float32/float64 buffer of
+    exist at a time; samples whose own unfolded input exceeds that, or with WGRAD_MIN_T
+    outputs or more, use torch's weight-gradient kernel one sample at a time. ``out``: optional float32/float64 buffer of
     weight_shape that the result is added into.
     """
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")

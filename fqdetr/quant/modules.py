@@ -6,15 +6,17 @@ checkpoint loads into a quantized model and vice versa, and add
 
 QuantLinear runs the fused ``fqkernels.quant_linear``. QuantConv2d fake-quantizes both
 operands with the elementwise ``fqkernels.fake_quant`` kernel and then calls the
-framework's convolution (no fused quantized convolution yet). Both accumulate the
-per-sample Fisher in their backward, from the pass that produces the weight gradient,
-when a collector sets ``fisher_accumulator``.
+framework's convolution. Both accumulate the per-sample Fisher in their backward, from the
+pass that produces the weight gradient, when a collector sets ``fisher_accumulator``.
+Calls that need no gradient reuse cached weight codes and integer kernels
+(fqdetr.quant.inference: linears always, bit-identical; convolutions in inference mode).
 """
 import torch.nn.functional as F
 from torch import nn
 
 import fqkernels as fk
 from fqkernels import reference
+from fqdetr.quant import inference
 from fqdetr.quant.config import LayerQuantConfig
 from fqdetr.quant.quantizer import Quantizer
 
@@ -74,6 +76,7 @@ def quantized_linear(module, x, weight, bias, input_quantizer, rows=None):
     """
     wq, fisher = module.weight_quantizer, module.fisher_accumulator
     w_grad_factor = wq.grad_factor(weight)  # of the whole weight, which the scale vector covers
+    module_weight, module_bias = weight, bias  # the weight-code cache follows the parameters themselves
     weight, bias, w_scale, offset, fisher = (_rows(t, rows) for t in (weight, bias, wq.scale, wq.offset, fisher))
     if not module.fake_quant_enabled:
         if fisher is not None:
@@ -83,6 +86,10 @@ def quantized_linear(module, x, weight, bias, input_quantizer, rows=None):
     if offset is not None:  # perturbed quantized weights (fqdetr.regularize): unfused path
         w = fk.fake_quant(weight, w_scale, wq.bits, True, 0, w_grad_factor) + offset
         return F.linear(aq(x) if aq is not None else x, w, bias)
+    if fisher is None and inference.integer_path_applies(x, aq, weight, bias, w_scale):
+        y = inference.integer_linear(module, x, module_weight, module_bias, aq, rows)
+        if y is not None:
+            return y
     act = {"a_bits": None}
     if aq is not None:
         act = {"a_scale": aq.prepare(x), "a_bits": aq.bits, "a_signed": bool(aq.signed),
@@ -139,6 +146,7 @@ class QuantConv2d(nn.Conv2d):
         self.quant_config = config or LayerQuantConfig()
         _make_quantizers(self, self.quant_config)
         self.fisher_accumulator = None  # [out, in/groups, kh, kw], set by fqdetr.FisherCollector
+        self.integer_inference = False  # oneDNN int8 convolution when no gradient is needed (set_inference_mode)
 
     @classmethod
     def from_float(cls, conv, config=None):
@@ -158,7 +166,25 @@ class QuantConv2d(nn.Conv2d):
         conv.weight, conv.bias = self.weight, self.bias
         return conv
 
+    def _no_grad_forward(self, x):
+        """The forward from cached weight codes when no gradient is needed (integer in inference
+        mode, else the cached fake-quantized weight); None where the autograd path must run."""
+        wq, aq = self.weight_quantizer, self.input_quantizer
+        if not (self.fake_quant_enabled and self.fisher_accumulator is None and wq.enabled and wq._ready
+                and not wq.observing and wq.offset is None and inference.no_grad_needed(x, self.weight, self.bias, wq.scale)):
+            return None
+        if self.integer_inference and inference.integer_path_applies(x, aq):
+            y = inference.integer_conv(self, x)
+            if y is not None:
+                return y
+        if aq is not None:
+            x = aq(x)
+        return self._conv_forward(x, inference.cached_fake_quant_weight(self, self.weight), self.bias)
+
     def forward(self, x):
+        y = self._no_grad_forward(x)
+        if y is not None:
+            return y
         fisher, mask, w = self.fisher_accumulator, None, self.weight
         if self.fake_quant_enabled:
             if self.input_quantizer is not None:
