@@ -22,19 +22,25 @@ def tiny_data(tmp_path_factory):
     return root
 
 
+SMALL_FLAGS = ["--norm", "batch", "--hidden-dim", "32", "--nheads", "2", "--dim-feedforward", "64", "--enc-layers",
+               "1", "--dec-layers", "2", "--num-queries", "10"]
+
+
+def _train(data, out, preset, *flags):
+    """``fqdetr train`` of ``preset`` (made small) for one epoch of 2 steps on 64 px images."""
+    from fqdetr.cli import main
+
+    rc = main(["train", "--data", str(data), "--preset", preset, "--epochs", "1", "--batch-size", "4",
+               "--image-size", "64", *SMALL_FLAGS, *flags, "--threads", "1", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    return out
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory):
     """A deformable_tiny trained for one epoch of 2 steps by ``fqdetr train`` (its run folder)."""
-    from fqdetr.cli import main
-
-    out = tmp_path_factory.mktemp("deformable_run")
-    rc = main(["train", "--data", str(tiny_data), "--preset", "deformable_tiny", "--epochs", "1",
-               "--batch-size", "4", "--image-size", "64", "--norm", "batch", "--hidden-dim", "32",
-               "--nheads", "2", "--dim-feedforward", "64", "--enc-layers", "1", "--dec-layers", "2",
-               "--num-queries", "10", "--enc-n-points", "2", "--dec-n-points", "2", "--threads", "1",
-               "--no-progress", "--out", str(out)])
-    assert rc == 0
-    return out
+    return _train(tiny_data, tmp_path_factory.mktemp("deformable_run"), "deformable_tiny",
+                  "--enc-n-points", "2", "--dec-n-points", "2")
 
 
 def test_the_preset_chooses_the_family():
@@ -178,3 +184,48 @@ def test_fisher_collector_matches_a_per_image_autograd_loop(tiny_data, fake_quan
     for n, want in expected.items():
         assert want.norm() > 0, (objective, n)
         assert (fc.sums[n].double() - want).norm() / want.norm() < 1e-4, (objective, n)
+
+
+def test_upweighting_the_critical_classes_scales_their_focal_terms():
+    from fqdetr.engine.qat import upweighted_criterion
+
+    model = build_deformable_detr("deformable_tiny", num_classes=4, **SMALL).eval()
+    criterion = families.criterion_for(model)
+    outputs = model(torch.rand(2, 3, 64, 64))
+    targets = [{"labels": torch.tensor([0, 3]), "boxes": torch.tensor([[.5, .5, .2, .2], [.3, .3, .1, .2]])},
+               {"labels": torch.tensor([2]), "boxes": torch.tensor([[.6, .4, .3, .3]])}]
+    base = criterion(outputs, targets)["loss_ce"]
+    every_class = upweighted_criterion(criterion, range(4), 3.0)(outputs, targets)["loss_ce"]
+    torch.testing.assert_close(every_class, 3 * base)
+    some = upweighted_criterion(criterion, [3], 3.0)(outputs, targets)["loss_ce"]
+    assert base < some < 3 * base
+    assert criterion.class_weight is None  # the original is left alone
+
+
+def test_demo_reports_each_detector(tiny_data, trained, tmp_path):
+    """``fqdetr demo`` with a DETR and a Deformable DETR checkpoint: a folder per detector with the
+    usual methods, and one report with a section per detector."""
+    import json
+
+    from fqdetr.cli import main
+
+    detr = _train(tiny_data, tmp_path / "detr_run", "tiny")
+    models = {"detr_small": tmp_path / "detr_small.pth", "deformable_small": tmp_path / "deformable_small.pth"}
+    models["detr_small"].write_bytes((detr / "best.pth").read_bytes())
+    models["deformable_small"].write_bytes((trained / "best.pth").read_bytes())
+    out = tmp_path / "demo"
+    rc = main(["demo", "--out", str(out), "--data", str(tiny_data), *[a for p in models.values() for a in ("--model", str(p))],
+               "--qat-steps", "1", "--fisher-images", "4", "--eval-images", "4", "--batch-size", "2"])
+    assert rc == 0
+    combined = json.loads((out / "results.json").read_text())
+    assert list(combined) == list(models)
+    methods = ["float", "ptq uniform w4a8", "ptq fisher-overall", "ptq fisher-critical", "qat",
+               "qat + fisher-trace reg", "qat + critical up-weighted"]
+    for name, title in (("detr_small", "DETR"), ("deformable_small", "Deformable DETR")):
+        assert combined[name]["config"]["detector"] == title
+        assert list(combined[name]["methods"]) == methods
+        assert all(t >= 0 for t in combined[name]["traces"]["critical"].values())
+        assert (out / name / "report.md").is_file() and (out / name / "layers.png").stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "## DETR: `detr_small`" in report and "## Deformable DETR: `deformable_small`" in report
+    assert "(deformable_small/layers.png)" in report and report.count("| qat + critical up-weighted |") == 2

@@ -1,19 +1,27 @@
-"""``fqdetr demo``: the main job on the built-in dataset and the shipped DETR."""
+"""``fqdetr demo``: the main job on the built-in dataset and the shipped detectors."""
 from pathlib import Path
 
 from fqdetr.cli._common import (DATA_HELP, DEFAULT_BUILTIN_DIR, DEFAULT_MODEL, non_negative_float, positive_float,
                                positive_int)
 
 
+def shipped_models():
+    """Every detector checkpoint shipped with the package (the folder of DEFAULT_MODEL), sorted."""
+    return sorted(str(p) for p in Path(DEFAULT_MODEL).parent.glob("*.pth"))
+
+
 def add_parser(subparsers):
     p = subparsers.add_parser(
         "demo", help="the main job: float vs PTQ vs Fisher-aware allocation vs QAT variants",
-        description="Runs docs/METHOD.md sections 1-4 end to end on the built-in dataset and the shipped DETR: "
+        description="Runs docs/METHOD.md sections 1-4 end to end on the built-in dataset for each detector "
+                    "(every shipped one: DETR, and Deformable DETR once shipped; or each --model): "
                     "float eval; uniform 4-bit PTQ; Fisher-overall vs Fisher-critical bit allocations at the "
                     "same average-bit budget; short QAT plain, with Fisher-trace regularisation and with the "
-                    "critical classes up-weighted. Writes OUT/report.md, OUT/results.json and PNG plots.")
+                    "critical classes up-weighted. Writes OUT/report.md (a section per detector), OUT/results.json and, "
+                    "for several detectors, each one's files in OUT/<checkpoint name>/.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="DETR checkpoint (default: the shipped one)")
+    p.add_argument("--model", action="append", default=None, metavar="CKPT",
+                   help="a DETR or Deformable DETR checkpoint; repeat for several (default: every shipped model)")
     p.add_argument("--data", default=DEFAULT_BUILTIN_DIR, help=DATA_HELP)
     p.add_argument("--critical", default="person", help="critical set: a supercategory or category name")
     p.add_argument("--budget", type=positive_float, default=4.0, help="average weight bits of the allocations (default 4)")
@@ -30,12 +38,14 @@ def add_parser(subparsers):
 def run(args):
     import torch
 
-    from fqdetr.experiments.demo import run_demo
+    from fqdetr.experiments.demo import run_demos
 
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    if not Path(args.model).exists():
-        raise FileNotFoundError(f"--model: {args.model} does not exist")
-    run_demo(args.out, args.model, args.data, critical=args.critical, budget_avg_bits=args.budget,
+    models = args.model or shipped_models()
+    missing = [m for m in models if not Path(m).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--model: {', '.join(missing)} does not exist")
+    run_demos(args.out, models, args.data, critical=args.critical, budget_avg_bits=args.budget,
              qat_steps=args.qat_steps, fisher_images=args.fisher_images, eval_images=args.eval_images,
              batch_size=args.batch_size, reg_lambda=args.reg_lambda, upweight=args.upweight, seed=args.seed)
     return 0

@@ -1,4 +1,4 @@
-"""Quantization-aware training of a quantized DETR (LSQ scales and weights together),
+"""Quantization-aware training of a quantized DETR or Deformable DETR (LSQ scales and weights together),
 optionally with the Fisher-trace regulariser on the critical objective or with the
 critical classes' loss up-weighted (the simpler alternative a user tries first)."""
 import copy
@@ -11,6 +11,7 @@ from tqdm import tqdm
 from fqdetr.engine.distributed import all_reduce_sum, world_size
 from fqdetr.engine.step import check_finite, optimizer_step
 from fqdetr.models.criterion import weighted_loss
+from fqdetr.models.deformable import DeformableSetCriterion
 from fqdetr.quant import Quantizer, quantized_weights
 from fqdetr.regularize import FisherTraceRegularizer
 
@@ -18,11 +19,18 @@ log = logging.getLogger(__name__)
 
 
 def upweighted_criterion(criterion, critical_labels, factor):
-    """A copy of ``criterion`` whose class weights are ``factor`` for the critical classes."""
+    """A copy of ``criterion`` whose class weights are ``factor`` for the critical classes: DETR's
+    cross-entropy class weights, or the focal loss's per-class weights of a DeformableSetCriterion
+    (whose ``empty_weight`` the focal loss never reads)."""
     if factor <= 0:
         raise ValueError(f"factor: expected a positive class weight, got {factor}")
     up = copy.deepcopy(criterion)
-    up.empty_weight[torch.tensor(sorted(critical_labels))] = float(factor)
+    critical = torch.tensor(sorted(critical_labels))
+    if isinstance(up, DeformableSetCriterion):
+        up.class_weight = torch.ones(up.num_classes)
+        up.class_weight[critical] = float(factor)
+    else:
+        up.empty_weight[critical] = float(factor)
     return up
 
 

@@ -1,9 +1,11 @@
 """The main job (``make demo``): docs/METHOD.md sections 1-4 on the built-in dataset and the
-shipped DETR, in minutes on a CPU.
+shipped detectors (DETR, Deformable DETR), in minutes on a CPU.
 
 Float eval; uniform 4-bit PTQ; Fisher-overall vs Fisher-critical allocations at the same
 average-bit budget; short QAT plain / with the Fisher-trace regulariser / with the critical
-classes' loss up-weighted. Writes OUT/results.json, OUT/report.md and PNG plots.
+classes' loss up-weighted. ``run_demo``: one detector, OUT/results.json, OUT/report.md and PNG
+plots; ``run_demos``: several, each in OUT/<checkpoint name>/, and one OUT/report.md with a
+section per detector.
 """
 import copy
 import logging
@@ -15,12 +17,14 @@ import torch
 from fqdetr.allocate import allocate_bits, sensitivities
 from fqdetr.data import class_names_of
 from fqdetr.engine.checkpoint import seed_everything
+from fqdetr.engine.family import family_of
 from fqdetr.engine.loader import make_loader
 from fqdetr.engine.qat import qat, upweighted_criterion
 from fqdetr.engine.quantize import fixed_bounds, layer_weights, quantize_detr
 from fqdetr.engine.setup import checkpoint_geometry, critical_setup, evaluate_splits, load_datasets
 from fqdetr.models import load_detr_checkpoint
 from fqdetr.models.checkpoint import read_checkpoint
+from fqdetr.io import atomic_write_text, write_json
 from fqdetr.report import write_method_report
 from fqdetr.sensitivity import fisher_traces
 
@@ -54,7 +58,8 @@ def run_demo(out_dir, model_path, data_dir, critical="person", budget_avg_bits=4
     model = load_detr_checkpoint(model_path).eval()
     criterion, objectives, S, sets = critical_setup(model, data["val"], critical)
     results = {"config": {"critical": critical, "critical_labels": S, "budget_avg_bits": budget_avg_bits,
-                          "qat_steps": qat_steps, "fisher_images": fisher_images, "seed": seed}, "methods": {}}
+                          "qat_steps": qat_steps, "fisher_images": fisher_images, "seed": seed,
+                          "model": str(model_path), "detector": family_of(model).title}, "methods": {}}
     results["methods"]["float"] = evaluate_splits(model, loaders, sets)
     uniform = quantize_detr(model, w_bits=int(budget_avg_bits), calib_loader=fisher_loader)
     results["methods"]["ptq uniform w4a8"] = evaluate_splits(uniform, loaders, sets)
@@ -88,3 +93,34 @@ def run_demo(out_dir, model_path, data_dir, critical="person", budget_avg_bits=4
     write_method_report(results, out_dir)
     log.info("demo finished in %.0f s; report in %s", results["seconds"], out_dir / "report.md")
     return results
+
+
+def _section(name, results, report_path):
+    """The per-model report as a section of the combined one: its title a level down, its
+    plots linked through the model's folder."""
+    body = Path(report_path).read_text().split("\n", 1)[1]
+    for plot in ("layers.png", "groups.png"):
+        body = body.replace(f"]({plot})", f"]({name}/{plot})")
+    return f"## {results['config']['detector']}: `{name}`\n{body}"
+
+
+def run_demos(out_dir, model_paths, data_dir, **options):
+    """run_demo for each checkpoint of ``model_paths`` (DETR or Deformable DETR), each in
+    OUT/<file name without .pth>/, then OUT/report.md with one section per detector and
+    OUT/results.json {name: results}. A single checkpoint writes straight into OUT, as run_demo.
+    Returns {name: results}."""
+    paths = [Path(p) for p in model_paths]
+    if not paths:
+        raise ValueError("--model: no checkpoint given and no shipped model found")
+    names = [p.stem for p in paths]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--model: two checkpoints share a file name ({names}); their folders would clash")
+    out_dir = Path(out_dir)
+    if len(paths) == 1:
+        return {names[0]: run_demo(out_dir, paths[0], data_dir, **options)}
+    everything = {name: run_demo(out_dir / name, path, data_dir, **options) for name, path in zip(names, paths)}
+    sections = [_section(name, results, out_dir / name / "report.md") for name, results in everything.items()]
+    write_json(everything, out_dir / "results.json")
+    atomic_write_text(out_dir / "report.md", "# Fisher-aware quantization: demo report\n\n" + "\n".join(sections))
+    log.info("demo of %d detectors finished; report in %s", len(paths), out_dir / "report.md")
+    return everything

@@ -59,6 +59,7 @@ class DeformableSetCriterion(SetCriterion):
                  losses: Sequence[str] = ("labels", "boxes", "cardinality")):
         super().__init__(num_classes, matcher, weight_dict, losses=losses)
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.class_weight: Optional[Tensor] = None  # [C] focal-loss weight per class (None: all 1)
 
     def loss_labels(self, outputs, targets, indices: Indices, num_boxes: float, per_image: bool,
                     log: bool = True) -> Dict[str, Tensor]:
@@ -70,6 +71,8 @@ class DeformableSetCriterion(SetCriterion):
         onehot = torch.zeros_like(logits)
         onehot[matched[0], matched[1], target_o.long()] = 1.0
         focal = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma)
+        if self.class_weight is not None:
+            focal = focal * self.class_weight.to(focal)
         loss_ce = (focal.sum((1, 2)) if per_image else focal.sum()) / num_boxes
         losses = {"loss_ce": loss_ce}
         if log:
