@@ -229,3 +229,65 @@ def test_demo_reports_each_detector(tiny_data, trained, tmp_path):
     report = (out / "report.md").read_text()
     assert "## DETR: `detr_small`" in report and "## Deformable DETR: `deformable_small`" in report
     assert "(deformable_small/layers.png)" in report and report.count("| qat + critical up-weighted |") == 2
+
+
+def test_fisher_allocate_ptq_qat_chain_on_a_deformable_checkpoint(trained, tiny_data, tmp_path):
+    import json
+
+    from fqdetr.cli import main
+
+    common = ["--model", str(trained / "best.pth"), "--data", str(tiny_data), "--batch-size", "2",
+              "--eval-images", "4", "--image-size", "64"]
+    assert main(["fisher", *common, "--out", str(tmp_path / "f"), "--images", "4"]) == 0
+    traces = json.loads((tmp_path / "f" / "fisher.json").read_text())
+    assert {"overall", "critical"} <= set(traces) and all(v >= 0 for v in traces["critical"].values())
+    assert {"class_embed.0", "input_proj.3.0", "transformer.encoder.layers.0.self_attn.sampling_offsets"} <= set(
+        traces["overall"])
+    assert main(["allocate", "--model", str(trained / "best.pth"), "--fisher", str(tmp_path / "f/fisher.json"),
+                 "--out", str(tmp_path / "a"), "--budget", "4"]) == 0
+    alloc = json.loads((tmp_path / "a" / "allocation.json").read_text())
+    assert alloc["class_embed.0"]["w_bits"] == 8 and alloc["bbox_embed.0.layers.2"]["w_bits"] == 8
+    assert set(alloc) == set(traces["critical"])
+    assert main(["ptq", *common, "--out", str(tmp_path / "p"), "--allocation", str(tmp_path / "a/allocation.json"),
+                 "--calib-batches", "1"]) == 0
+    assert 0.0 <= json.loads((tmp_path / "p" / "ptq.json").read_text())["eval"]["val"]["mAP"] <= 1.0
+    assert main(["qat", *common, "--out", str(tmp_path / "q"), "--steps", "1", "--upweight", "3"]) == 0
+    assert len(json.loads((tmp_path / "q" / "qat.json").read_text())["history"]) == 1
+
+
+def _one_line_error(capsys, argv):
+    from fqdetr.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    return err
+
+
+def test_bad_deformable_input_gets_one_line_errors(trained, tiny_data, tmp_path, capsys):
+    from fqdetr.models import save_detr_checkpoint
+
+    common = ["--data", str(tiny_data), "--batch-size", "2", "--eval-images", "2", "--out", str(tmp_path / "o")]
+    # a checkpoint of neither family
+    torch.save({"model": {"head.weight": torch.zeros(2, 2)}}, tmp_path / "other.pth")
+    assert "unknown architecture" in _one_line_error(capsys, ["fisher", "--model", str(tmp_path / "other.pth"), *common])
+    # feature levels that do not match the backbone (an input projection reading the wrong channels),
+    # in a file without args, as the official ones: the architecture is inferred from the shapes
+    state = torch.load(trained / "best.pth", weights_only=True)
+    state["model"]["input_proj.0.0.weight"] = state["model"]["input_proj.0.0.weight"][:, :8]
+    torch.save({"model": state["model"]}, tmp_path / "levels.pth")
+    assert "do not match its backbone" in _one_line_error(
+        capsys, ["ptq", "--model", str(tmp_path / "levels.pth"), *common])
+    # a model trained on other categories than the data's
+    model = build_deformable_detr("deformable_tiny", num_classes=5, **SMALL)
+    save_detr_checkpoint(model, tmp_path / "five.pth")
+    assert "5 classes" in _one_line_error(capsys, ["qat", "--model", str(tmp_path / "five.pth"), *common])
+    # a preset of neither family, a Deformable-only flag on a DETR preset
+    train = ["train", "--data", str(tiny_data), "--epochs", "1", "--out", str(tmp_path / "t")]
+    assert "unknown preset 'deformable_big'" in _one_line_error(capsys, [*train, "--preset", "deformable_big"])
+    assert "--dec-n-points" in _one_line_error(capsys, [*train, "--preset", "tiny", "--dec-n-points", "2"])
+    assert "num_feature_levels=2" in _one_line_error(
+        capsys, [*train, "--preset", "deformable_tiny", "--num-feature-levels", "2"])
+    # the demo with no model at all
+    assert "does not exist" in _one_line_error(capsys, ["demo", "--model", str(tmp_path / "none.pth"), "--out",
+                                                        str(tmp_path / "d")])
