@@ -109,9 +109,12 @@ def test_evaluation_keeps_the_best_pairs_per_image(trained, tiny_data):
     # 10 queries x 16 sigmoid classes: the 100 best (query, class) pairs, best first
     assert all(len(p["scores"]) == 100 and bool((p["scores"].diff() <= 0).all()) for p in preds)
     assert all(p.shape == (10, NUM_CLASSES) and bool(((p >= 0) & (p <= 1)).all()) for p in probs)
-    result = evaluate_model(model, loader)
+    result = evaluate_model(model, loader, critical_sets=["person"], transformed=True)
     assert len(result["detections"]) == 100 * len(val)
     assert 0.0 <= result["result"]["overall"]["AP"] <= 1.0
+    # critical AP of the transformed sigmoid probabilities, one box per query
+    transformed = result["result"]["critical_transformed"]
+    assert set(transformed) == {"person"} and 0.0 <= transformed["person"]["AP"] <= 1.0
 
 
 def _quantized_small(**overrides):
@@ -291,3 +294,23 @@ def test_bad_deformable_input_gets_one_line_errors(trained, tiny_data, tmp_path,
     # the demo with no model at all
     assert "does not exist" in _one_line_error(capsys, ["demo", "--model", str(tmp_path / "none.pth"), "--out",
                                                         str(tmp_path / "d")])
+
+
+def test_eval_runs_a_checkpoint_of_either_family(trained, tiny_data, tmp_path, capsys):
+    import json
+
+    from fqdetr.cli import main
+
+    detr = _train(tiny_data, tmp_path / "detr_run", "tiny")
+    for name, run in (("detr", detr), ("deformable", trained)):
+        out = tmp_path / name
+        assert main(["eval", "--model", str(run / "best.pth"), "--data", str(tiny_data), "--batch-size", "2",
+                     "--critical", "person,animal", "--no-plots", "--out", str(out)]) == 0
+        report = json.loads((out / "report.json").read_text())
+        detections = json.loads((out / "detections.json").read_text())
+        per_image = 100 if name == "deformable" else 10  # top-k pairs vs one per query
+        assert report["num_images"] == 4 and len(detections) == 4 * per_image
+        assert set(report["critical"]) == {"person", "animal"}
+    assert "not both" in _one_line_error(capsys, ["eval", "--model", str(trained / "best.pth"), "--gt", "a.json",
+                                                  "--detections", "b.json"])
+    assert "are required" in _one_line_error(capsys, ["eval", "--data", str(tiny_data)])

@@ -6,7 +6,8 @@ from torch import nn
 from tqdm import tqdm
 
 from fqdetr.evaluation import evaluate_detections
-from fqdetr.engine.family import class_probabilities, postprocess_for
+from fqdetr.models.box_ops import box_cxcywh_to_xyxy
+from fqdetr.engine.family import class_probabilities, family_of, postprocess_for
 
 
 def coco_dataset_of(loader_or_dataset):
@@ -35,19 +36,24 @@ def to_coco_results(predictions: List[Dict[str, torch.Tensor]], image_ids, label
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, device="cpu", progress: bool = False):
+def predict(model: nn.Module, loader, device="cpu", progress: bool = False, query_boxes: bool = False):
     """-> (the family's post-processed predictions per image, image ids, class probabilities per
-    image: DETR's softmax [Q, C+1], Deformable DETR's sigmoids [Q, C])."""
+    image: DETR's softmax [Q, C+1], Deformable DETR's sigmoids [Q, C]); with ``query_boxes``, also
+    each image's box per query [Q, 4] (xyxy pixels), which the probabilities' rows describe."""
     model.eval()
     postprocess = postprocess_for(model)
-    preds, ids, probs = [], [], []
+    preds, ids, probs, boxes = [], [], [], []
     for images, mask, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
         out = model((images.to(device), mask.to(device)))
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
         preds += [{k: v.cpu() for k, v in p.items()} for p in postprocess(out, sizes)]
         probs += list(class_probabilities(model, out["pred_logits"]).cpu())
         ids += [int(t["image_id"]) for t in targets]
-    return preds, ids, probs
+        if query_boxes:
+            h, w = sizes.float().unbind(1)
+            scale = torch.stack([w, h, w, h], 1)[:, None, :]
+            boxes += list((box_cxcywh_to_xyxy(out["pred_boxes"].float()) * scale).cpu())
+    return (preds, ids, probs, boxes) if query_boxes else (preds, ids, probs)
 
 
 def _ground_truth_for(coco, image_ids):
@@ -72,12 +78,12 @@ def evaluate_model(model: nn.Module, loader, dataset=None, device="cpu", progres
     """
     was_training = model.training
     dataset = dataset if dataset is not None else coco_dataset_of(loader)
-    preds, ids, probs = predict(model, loader, device, progress)
+    preds, ids, probs, boxes = predict(model, loader, device, progress, query_boxes=True)
     detections = to_coco_results(preds, ids, dataset.label_to_cat_id)
     extra = {}
     if transformed:
-        extra = dict(label_to_cat_id=dataset.label_to_cat_id, transformed_predictions=[
-            {"image_id": i, "probs": p, "boxes": b["boxes"]} for i, p, b in zip(ids, probs, preds)])
+        extra = dict(label_to_cat_id=dataset.label_to_cat_id, head=family_of(model).head, transformed_predictions=[
+            {"image_id": i, "probs": p, "boxes": b} for i, p, b in zip(ids, probs, boxes)])
     result = evaluate_detections(_ground_truth_for(dataset.coco, ids), detections,
                                  critical_sets=critical_sets, **extra)
     model.train(was_training)

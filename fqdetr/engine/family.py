@@ -22,8 +22,8 @@ DETR, DEFORMABLE = "detr", "deformable_detr"  # fqdetr.models.checkpoint_family'
 class Family:
     """How the engine builds, trains and reads one detector family.
 
-    no_object_columns: logit columns past the real classes (1 for DETR's no-object, 0 for sigmoid
-    heads); criterion(num_classes, model config, eos_coef) -> the training criterion;
+    head: "softmax" (DETR: one no-object logit column past the real classes) or "sigmoid" (none),
+    as fqdetr.critical and fqdetr.evaluation name them; criterion(num_classes, model config, eos_coef) -> the training criterion;
     postprocess() -> outputs + sizes -> detections; eight_bit_layers: fnmatch patterns of the
     layers kept at 8 bits (docs/METHOD.md section 5.4: the first convolution and the prediction
     heads); title: for reports.
@@ -35,7 +35,7 @@ class Family:
     build: Callable[..., nn.Module]
     criterion: Callable[[int, Mapping[str, Any], float], nn.Module]
     postprocess: Callable[[], nn.Module]
-    no_object_columns: int
+    head: str
     eight_bit_layers: Tuple[str, ...]
 
 
@@ -52,12 +52,12 @@ def _deformable_criterion(num_classes: int, config: Mapping[str, Any], eos_coef:
 
 
 FAMILIES: Dict[str, Family] = {
-    DETR: Family(DETR, "DETR", PRESETS, build_detr, _detr_criterion, PostProcess, 1,
+    DETR: Family(DETR, "DETR", PRESETS, build_detr, _detr_criterion, PostProcess, "softmax",
                  ("backbone.0.body.conv1", "class_embed", "bbox_embed.*")),
     # One head per decoder layer; with box refinement the decoder holds the same heads and
     # its names (transformer.decoder.bbox_embed.*) come first, hence the leading "*".
     DEFORMABLE: Family(DEFORMABLE, "Deformable DETR", DEFORMABLE_PRESETS, build_deformable_detr,
-                       _deformable_criterion, TopKPostProcess, 0,
+                       _deformable_criterion, TopKPostProcess, "sigmoid",
                        ("backbone.0.body.conv1", "*class_embed.*", "*bbox_embed.*")),
 }
 
@@ -84,7 +84,7 @@ def build_model(preset: str, num_classes: int, **arch) -> nn.Module:
 def num_classes_of(model: nn.Module) -> int:
     """Real classes a detector predicts (its class head's outputs less any no-object column)."""
     head = model.class_embed[0] if isinstance(model.class_embed, nn.ModuleList) else model.class_embed
-    return head.out_features - family_of(model).no_object_columns
+    return head.out_features - (family_of(model).head == "softmax")
 
 
 def criterion_for(model: nn.Module, eos_coef: float = 0.1) -> nn.Module:
@@ -101,4 +101,4 @@ def class_probabilities(model: nn.Module, logits):
     """[..., Q, C(+1)] logits -> the family's probabilities: softmax (DETR, the no-object column
     kept last) or independent sigmoids (Deformable DETR)."""
     logits = logits.float()
-    return logits.sigmoid() if family_of(model).no_object_columns == 0 else logits.softmax(-1)
+    return logits.sigmoid() if family_of(model).head == "sigmoid" else logits.softmax(-1)
