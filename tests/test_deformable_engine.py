@@ -217,7 +217,8 @@ def test_demo_reports_each_detector(tiny_data, trained, tmp_path):
     models["detr_small"].write_bytes((detr / "best.pth").read_bytes())
     models["deformable_small"].write_bytes((trained / "best.pth").read_bytes())
     out = tmp_path / "demo"
-    rc = main(["demo", "--out", str(out), "--data", str(tiny_data), *[a for p in models.values() for a in ("--model", str(p))],
+    model_flags = [a for path in models.values() for a in ("--model", str(path))]
+    rc = main(["demo", "--out", str(out), "--data", str(tiny_data), *model_flags,
                "--qat-steps", "1", "--fisher-images", "4", "--eval-images", "4", "--batch-size", "2"])
     assert rc == 0
     combined = json.loads((out / "results.json").read_text())

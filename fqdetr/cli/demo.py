@@ -17,7 +17,8 @@ def add_parser(subparsers):
                     "(every shipped one: DETR, and Deformable DETR once shipped; or each --model): "
                     "float eval; uniform 4-bit PTQ; Fisher-overall vs Fisher-critical bit allocations at the "
                     "same average-bit budget; short QAT plain, with Fisher-trace regularisation and with the "
-                    "critical classes up-weighted. Writes OUT/report.md (a section per detector), OUT/results.json and, "
+                    "critical classes up-weighted. Writes OUT/report.md (a section per detector), "
+                    "OUT/results.json and, "
                     "for several detectors, each one's files in OUT/<checkpoint name>/.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--model", action="append", default=None, metavar="CKPT",

@@ -5,7 +5,8 @@ from fqdetr.cli._common import add_common, bit_width, non_negative_float, positi
 def add_parser(subparsers):
     p = subparsers.add_parser(
         "fisher", help="per-layer Fisher traces (overall, critical, mix) and a Hutchinson baseline",
-        description="Computes tr(F_l) per quantized layer of a DETR (quantized at --w-bits, Fisher taken through "
+        description="Computes tr(F_l) per quantized layer of a DETR or Deformable DETR "
+                    "(quantized at --w-bits, Fisher taken through "
                     "the quantizers) for each --objective over --images training images, with per-image losses "
                     "(docs/METHOD.md section 2). Writes OUT/fisher.json {objective: {layer: trace}}. Under torchrun "
                     "each process takes a shard of the images and the sums are all-reduced (gloo/nccl).")

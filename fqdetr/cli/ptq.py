@@ -5,7 +5,8 @@ from fqdetr.cli._common import add_common, bit_width, positive_int, prepare, rea
 def add_parser(subparsers):
     p = subparsers.add_parser(
         "ptq", help="post-training quantization: calibrate, evaluate, export integer weights",
-        description="Quantizes a DETR (uniform --w-bits or an --allocation from 'fqdetr allocate'), calibrates "
+        description="Quantizes a DETR or Deformable DETR (uniform --w-bits or an --allocation from "
+                    "'fqdetr allocate'), calibrates "
                     "activation scales on a few training batches, evaluates overall and critical mAP on val and "
                     "a train subset, and exports integer codes + scales. Writes OUT/ptq.json, "
                     "OUT/quantized_codes.pt and OUT/quantized_state.pt.")

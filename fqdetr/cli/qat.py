@@ -6,7 +6,8 @@ from fqdetr.cli._common import (add_common, bit_width, non_negative_float, posit
 def add_parser(subparsers):
     p = subparsers.add_parser(
         "qat", help="quantization-aware training (LSQ), optional Fisher-trace regulariser or up-weighting",
-        description="Trains a quantized DETR (uniform --w-bits or an --allocation) with LSQ for --steps batches. "
+        description="Trains a quantized DETR or Deformable DETR (uniform --w-bits or an --allocation) "
+                    "with LSQ for --steps batches. "
                     "--reg-lambda > 0 adds lambda * tr(F_crit) (docs/METHOD.md section 4); --upweight > 1 instead "
                     "multiplies the critical classes' CE weight. Writes OUT/qat_state.pt (model state, atomic) "
                     "and OUT/qat.json (losses and evaluation). Under torchrun the processes train on shards of the "

@@ -11,7 +11,8 @@ def add_parser(subparsers):
     from fqdetr.cli._common import DATA_HELP, DEFAULT_BUILTIN_DIR, DEFAULT_MODEL, int_list, positive_int
 
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="DETR checkpoint (default: the shipped one)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="DETR or Deformable DETR checkpoint (default: the shipped DETR)")
     p.add_argument("--data", default=DEFAULT_BUILTIN_DIR, help=DATA_HELP)
     p.add_argument("--seeds", type=int_list, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--critical", default="person", help="critical set (default person)")

@@ -23,7 +23,8 @@ class Family:
     """How the engine builds, trains and reads one detector family.
 
     head: "softmax" (DETR: one no-object logit column past the real classes) or "sigmoid" (none),
-    as fqdetr.critical and fqdetr.evaluation name them; criterion(num_classes, model config, eos_coef) -> the training criterion;
+    as fqdetr.critical and fqdetr.evaluation name them; criterion(num_classes, model config,
+    eos_coef) -> the training criterion;
     postprocess() -> outputs + sizes -> detections; eight_bit_layers: fnmatch patterns of the
     layers kept at 8 bits (docs/METHOD.md section 5.4: the first convolution and the prediction
     heads); title: for reports.
