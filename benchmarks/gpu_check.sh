@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check for a lent GPU machine (no network there): builds fqkernels._cuda, runs every
 # GPU test (cuda backend and compiled Triton against the references) and prints short
-# benchmark tables for quant_linear and per-sample Fisher.  Usage: bash benchmarks/gpu_check.sh
+# benchmark tables for quant_linear, per-sample Fisher and the whole DETR (bench_e2e.py).
+# Usage: bash benchmarks/gpu_check.sh
 # Takes a few minutes on an H100; record its output in benchmarks/RESULTS.md with the card.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,3 +62,8 @@ for n, t, k, m in [(32, 100, 256, 256), (32, 850, 256, 2048), (8, 850, 2048, 256
     ratios = [ms(lambda be=be: fk.per_sample_fisher(x, g, backend=be)) / base for be in ("cuda", "triton")]
     print(f"{f'{n},{t},{k}->{m}':>18} {base:9.3f} {ratios[0]:7.2f} {ratios[1]:9.2f}")
 PYEOF
+
+# ---- whole model: QAT step, Fisher on a batch, quantized forward (x the float model, same run) ----
+# Tiny DETR batch 4 and DETR-R50 batch 2 at 512x672; on the GPU the inference forward is the
+# cached fake-quant path (the integer kernels of fqdetr.quant.inference are CPU-only).
+$PY benchmarks/bench_e2e.py --quick --device cuda --cases tiny r50

@@ -191,7 +191,8 @@ class QuantConv2d(nn.Conv2d):
                 x = self.input_quantizer(x)
             wq = self.weight_quantizer
             if fisher is not None:  # the latent weight's gradient is Qw(W)'s times the STE mask
-                mask = reference.ste_mask(w.detach(), wq.scale.detach(), wq.bits, True, axis=0)
+                mask = inference.cached(self, "ste_mask", (w, wq.scale), (wq.bits,), lambda: reference.ste_mask(
+                    w.detach(), wq.scale.detach(), wq.bits, True, axis=0))  # weights stay fixed over a collection
             w = wq(w)
         if fisher is None:
             return self._conv_forward(x, w, self.bias)

@@ -1,0 +1,342 @@
+"""Whole-model speed (CPU): a QAT training step, Fisher collection on a batch and the
+quantized inference forward of a DETR, against the float model and what a user would
+otherwise run, in interleaved rounds (every method once per round, rotating the order; each
+method's time over the float floor's time in the same round; medians over rounds).
+
+  train step   float | ours (W4A8 fake quant, fqkernels cpu) | reference (FQ_BACKEND=reference)
+               | torch.ao (torch's learnable fake-quant ops in place of ours, same model):
+               forward, DETR loss (Hungarian matching), backward, AdamW step (lr 0: the
+               weights stay as they are, every round times the same work)
+  fisher       float step (forward, loss, backward) | ours fused (FisherCollector on the
+               quantized model, one backward of the per-image losses) | per-image loop (one
+               forward + backward per image, squared gradients summed)
+  forward      float | ours fake quant (no grad: cached weight codes) | ours inference mode
+               (integer linears and oneDNN int8 convolutions) | reference | torch.ao
+
+Cases: the shipped tiny DETR at batch 4 (160x213) and, with --cases tiny r50 (FQ_BENCH_R50=1
+under pytest), DETR-R50 with random weights at batch 2, 512x672.
+
+Run:  python benchmarks/bench_e2e.py --quick [--cases tiny r50] [--threads 1] [--profile]
+      .venv/bin/python -m pytest benchmarks/bench_e2e.py          (pytest-benchmark)
+Results: benchmarks/RESULTS.md, "Whole model".
+"""
+import argparse
+import contextlib
+import functools
+import os
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+import fqkernels as fk
+from fqdetr.fisher import FisherCollector
+from fqdetr.models import build_criterion, build_detr, load_detr_checkpoint, weighted_loss
+from fqdetr.quant import QuantConfig, calibrate, quantize_model
+from fqdetr.quant import attention as quant_attention
+from fqdetr.quant import inference as quant_inference
+from fqdetr.quant import modules as quant_modules
+from fqdetr.quant import quantizer as quant_quantizer
+from fqdetr.sensitivity import batch_dims_of, per_image
+from fqkernels import reference
+
+SHIPPED = Path(__file__).resolve().parent.parent / "fqdetr" / "shipped_models" / "detr_tiny_builtin.pth"
+CASES = {  # name: (batch, height, width)
+    "tiny DETR B=4": (4, 160, 213),
+    "DETR-R50 B=2": (2, 512, 672),
+}
+CASE_OPTIONS = {"tiny": "tiny DETR B=4", "r50": "DETR-R50 B=2"}
+MEASURES = {
+    "train step": ("float", "ours", "reference", "torch.ao"),
+    "fisher": ("float", "ours fused", "per-image loop"),
+    "forward": ("float", "ours fake quant", "ours inference", "reference", "torch.ao"),
+}
+
+
+def build_case(case, device="cpu", seed=0):
+    """{float, quant, criterion, images, mask, targets} of one case on ``device``; the quantized
+    model is W4A8, activations calibrated on the batch itself, both models in eval mode (frozen
+    BatchNorm)."""
+    torch.manual_seed(seed)
+    batch, h, w = CASES[case]
+    if case.startswith("tiny"):
+        model, classes = load_detr_checkpoint(SHIPPED), 16
+    else:
+        model, classes = build_detr("r50", num_classes=91, dropout=0.0), 91
+    model.eval().to(device)
+    images = torch.randn(batch, 3, h, w, device=device)
+    mask = torch.zeros(batch, h, w, dtype=torch.bool, device=device)
+    targets = [{"labels": torch.randint(0, classes, (3,), device=device),
+                "boxes": torch.rand(3, 4, device=device) * 0.4 + 0.3} for _ in range(batch)]
+    quant = quantize_model(model, QuantConfig(w_bits=4, a_bits=8))
+    calibrate(quant, [(images, mask)], progress=False)
+    criterion = build_criterion(classes, dec_layers=len(model.transformer.decoder.layers),
+                                aux_loss=model.aux_loss).to(device)
+    return {"float": model, "quant": quant, "criterion": criterion, "images": images, "mask": mask,
+            "targets": targets}
+
+
+def _ao_fake_quant(x, scale, bits, signed=True, axis=None, grad_factor=1.0, backend=None):
+    qmin, qmax = reference.qrange(bits, bool(signed))
+    zero = torch.zeros(scale.numel(), dtype=torch.float32, device=scale.device)
+    if axis is None:
+        return torch._fake_quantize_learnable_per_tensor_affine(x, scale.reshape(1), zero, qmin, qmax, grad_factor)
+    return torch._fake_quantize_learnable_per_channel_affine(x, scale.reshape(-1), zero, axis, qmin, qmax,
+                                                             grad_factor)
+
+
+def _ao_quant_linear(x, weight, bias=None, w_scale=None, a_scale=None, w_bits=4, a_bits=8, a_signed=True,
+                     fisher=None, fisher_batch_dim=0, w_grad_factor=1.0, a_grad_factor=1.0, backend=None):
+    if a_bits is not None:
+        x = _ao_fake_quant(x, a_scale, a_bits, a_signed, None, a_grad_factor)
+    return F.linear(x, _ao_fake_quant(weight, w_scale, w_bits, True, 0, w_grad_factor), bias)
+
+
+@contextlib.contextmanager
+def torch_ao_ops():
+    """Our quantized modules with torch's learnable fake-quant ops in place of fqkernels'
+    (fake_quant, quant_linear); everything else unchanged."""
+    shim = types.SimpleNamespace(**{k: getattr(fk, k) for k in dir(fk) if not k.startswith("__")})
+    shim.fake_quant, shim.quant_linear = _ao_fake_quant, _ao_quant_linear
+    with contextlib.ExitStack() as stack:
+        for module in (quant_modules, quant_quantizer, quant_attention):
+            stack.enter_context(mock.patch.object(module, "fk", shim))
+        for name in ("integer_path_applies", "no_grad_needed"):  # our cached integer paths off
+            stack.enter_context(mock.patch.object(quant_inference, name, lambda *args: False))
+        yield
+
+
+@contextlib.contextmanager
+def reference_backend():
+    with mock.patch.dict(os.environ, {"FQ_BACKEND": "reference"}):
+        yield
+
+
+def _loss(c, model, images=None, mask=None, targets=None):
+    images = c["images"] if images is None else images
+    mask = c["mask"] if mask is None else mask
+    out = model((images, mask))
+    with torch.profiler.record_function("loss and matcher"):
+        return weighted_loss(c["criterion"](out, c["targets"] if targets is None else targets),
+                             c["criterion"].weight_dict)
+
+
+def train_step_runner(c, model, context=contextlib.nullcontext):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0, weight_decay=0.0)
+
+    def run():
+        with context():
+            loss = _loss(c, model)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return run
+
+
+def float_step_runner(c):
+    def run():
+        c["float"].zero_grad(set_to_none=True)
+        _loss(c, c["float"]).backward()
+    return run
+
+
+def fused_fisher_runner(c):
+    model = c["quant"]
+
+    def run():
+        with FisherCollector(model, batch_dims=batch_dims_of(model)) as fc:
+            model.zero_grad(set_to_none=True)
+            out = model((c["images"], c["mask"]))
+            with torch.profiler.record_function("loss and matcher"):
+                losses = per_image(c["criterion"], out, c["targets"])
+            fc.backward(losses)
+        return fc.sums
+    return run
+
+
+def per_image_loop_runner(c):
+    """Per-sample gradients the plain way: one image at a time, squared and summed."""
+    model = c["quant"]
+    weights = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() > 1]
+
+    def run():
+        sums = [torch.zeros_like(w) for w in weights]
+        for i, t in enumerate(c["targets"]):
+            model.zero_grad(set_to_none=True)
+            _loss(c, model, c["images"][i:i + 1], c["mask"][i:i + 1], [t]).backward()
+            for s, w in zip(sums, weights):
+                if w.grad is not None:
+                    s.addcmul_(w.grad, w.grad)
+        return sums
+    return run
+
+
+def forward_runner(model, context=contextlib.nullcontext, integer=False):
+    def run(c):
+        quant_inference.set_inference_mode(model, integer)
+        try:
+            with context(), torch.no_grad():
+                return model((c["images"], c["mask"]))
+        finally:
+            quant_inference.set_inference_mode(model, False)
+    return run
+
+
+def runners(c, measure):
+    """{method: zero-argument callable} of one measure, the float floor first."""
+    q = c["quant"]
+    if measure == "train step":
+        return {"float": train_step_runner(c, c["float"]), "ours": train_step_runner(c, q),
+                "reference": train_step_runner(c, q, reference_backend),
+                "torch.ao": train_step_runner(c, q, torch_ao_ops)}
+    if measure == "fisher":
+        return {"float": float_step_runner(c), "ours fused": fused_fisher_runner(c),
+                "per-image loop": per_image_loop_runner(c)}
+    forwards = {"float": forward_runner(c["float"]), "ours fake quant": forward_runner(q),
+                "ours inference": forward_runner(q, integer=True),
+                "reference": forward_runner(q, reference_backend), "torch.ao": forward_runner(q, torch_ao_ops)}
+    return {m: functools.partial(f, c) for m, f in forwards.items()}
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_round(runs, order, times):
+    """Every method once, in ``order`` (then rotated), appending seconds to times[method]."""
+    for m in order:
+        _sync()
+        start = time.perf_counter()
+        runs[m]()
+        _sync()
+        times.setdefault(m, []).append(time.perf_counter() - start)
+    order.append(order.pop(0))
+
+
+def warm_up(runs):
+    for run in runs.values():
+        run()  # oneDNN primitives, weight-code caches, optimizer state
+
+
+def interleaved(runs, rounds):
+    """{method: [seconds per round]}: every method once per round, the order rotating."""
+    warm_up(runs)
+    times, order = {}, list(runs)
+    for _ in range(rounds):
+        run_round(runs, order, times)
+    return times
+
+
+def median_ratios(times, floor="float"):
+    return {m: statistics.median(t / f for t, f in zip(ts, times[floor])) for m, ts in times.items()}
+
+
+CATEGORIES = (  # (category, substrings of profiler op names), the first match wins
+    ("convolutions", ("conv", "qconv")),
+    ("linears and matmuls", ("addmm", "aten::mm", "bmm", "_int_mm", "quant_linear", "quant_matmul", "linear")),
+    ("quantizers", ("fake_quant", "fake_quantize", "quant_act", "quant_weight")),
+    ("Fisher", ("fisher",)),
+    ("norms and activations", ("norm", "relu", "softmax", "gelu", "sigmoid", "pool")),
+)
+
+
+def profile_breakdown(run):
+    """{category: share of one call's wall time}: operators' self CPU time by category, the loss
+    and matcher (inclusive, forward), and the rest of the wall time as Python and dispatch."""
+    run()
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    wall = (time.perf_counter() - start) * 1e6
+    shares = dict.fromkeys([name for name, _ in CATEGORIES] + ["other operators"], 0.0)
+    loss = 0.0
+    for ev in prof.key_averages():
+        if ev.key == "loss and matcher":
+            loss = ev.cpu_time_total
+            continue
+        name = next((cat for cat, keys in CATEGORIES if any(k in ev.key for k in keys)), "other operators")
+        shares[name] += ev.self_cpu_time_total
+    total_ops = sum(shares.values())
+    shares = {k: v / wall for k, v in shares.items()}
+    shares["loss and matcher (forward, inclusive)"] = loss / wall
+    shares["Python and dispatch (wall - operators)"] = max(wall - total_ops, 0.0) / wall
+    return shares
+
+
+def load_line():
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="5 rounds per measure (default 9)")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--cases", nargs="+", choices=list(CASE_OPTIONS), default=["tiny"],
+                        help="tiny: shipped tiny DETR, batch 4; r50: DETR-R50, batch 2, 512x672")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (inference mode: integer paths on the CPU "
+                        "only, the cached fake-quant path elsewhere)")
+    parser.add_argument("--profile", action="store_true", help="print a profile breakdown per method")
+    parser.add_argument("--measures", nargs="+", choices=list(MEASURES), default=list(MEASURES))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rounds = args.rounds or (5 if args.quick else 9)
+    cases = [CASE_OPTIONS[c] for c in args.cases]
+    print(f"torch {torch.__version__}, {args.device}, {args.threads} threads, {rounds} rounds; {load_line()}")
+    for case in cases:
+        c = build_case(case, args.device)
+        for measure in args.measures:
+            runs = runners(c, measure)
+            times = interleaved(runs, rounds)
+            ratios = median_ratios(times)
+            floor_ms = statistics.median(times["float"]) * 1e3
+            print(f"\n{case}, {measure} (float {floor_ms:.0f} ms median; {load_line()})")
+            for m, r in ratios.items():
+                print(f"  {m:>16}: {r:5.2f}x float")
+                if args.profile:
+                    parts = profile_breakdown(runs[m])
+                    print("      " + ", ".join(f"{k} {v:.0%}" for k, v in parts.items() if v >= 0.005))
+    return 0
+
+
+# ---- pytest-benchmark ----
+
+def _pytest_cases():
+    return [c for c in CASES if c.startswith("tiny") or os.environ.get("FQ_BENCH_R50") == "1"]
+
+
+try:
+    import pytest
+except ImportError:  # the script needs no pytest
+    pytest = None
+
+if pytest is not None:
+    @pytest.fixture(scope="module")
+    def built_cases():
+        return {}
+
+    @pytest.mark.parametrize("measure", list(MEASURES))
+    @pytest.mark.parametrize("case", _pytest_cases())
+    def test_e2e_interleaved(benchmark, interleaved_ratios, built_cases, case, measure):
+        """One round = every method of the measure once; reports median ratios over rounds."""
+        benchmark.group = f"e2e {case} {measure}, one round = {' + '.join(MEASURES[measure])}"
+        if case not in built_cases:
+            built_cases[case] = build_case(case)
+        runs = runners(built_cases[case], measure)
+        warm_up(runs)
+        times, order = {}, list(runs)
+        benchmark.pedantic(run_round, args=(runs, order, times), rounds=5, iterations=1)
+        ratios = median_ratios(times)
+        benchmark.extra_info.update({f"{m} / float": round(r, 3) for m, r in ratios.items()})
+        benchmark.extra_info["load"] = load_line()
+        interleaved_ratios[f"{case} {measure}"] = ratios
+
+
+if __name__ == "__main__":
+    sys.exit(main())
