@@ -54,10 +54,18 @@ def _count_step(optimizer, args, kwargs):
 register_optimizer_step_post_hook(_count_step)
 
 
+def _recording():
+    """True while torch.jit tracing (ONNX export) or torch.compile / torch.export records ops."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 def cached(module, slot, tensors, extra, build):
     """build() for ``module``, reused until a tensor of ``tensors`` changes (identity, version,
     storage, dtype or shape) or ``extra`` (bits, activation scale...) differs. ``slot`` names
-    the entry (one module may hold several: the attention's q/k/v rows)."""
+    the entry (one module may hold several: the attention's q/k/v rows). Tracing and compiling
+    record build() itself."""
+    if _recording():
+        return build()
     cache = _CACHE.setdefault(module, {})
     entry = cache.get(slot)
     if entry is not None and entry[1:3] == (extra, _OPTIMIZER_STEPS[0]) and \
@@ -78,7 +86,7 @@ def clear_cache(model):
 def no_grad_needed(*tensors):
     """True when a call on ``tensors`` needs no autograd graph, outside tracing and compiling
     (which record the fake-quant ops: ONNX export, torch.compile, torch.export)."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if _recording():
         return False
     return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
 
