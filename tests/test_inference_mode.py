@@ -148,3 +148,15 @@ def test_fisher_collection_is_unchanged_by_inference_mode():
         sums.append(fc.sums)
     assert sums[0].keys() == sums[1].keys() and all(s.abs().sum() > 0 for s in sums[0].values())
     assert all(torch.equal(sums[0][k], sums[1][k]) for k in sums[0])
+
+
+def test_reductions_too_long_for_int32_take_the_float_path(monkeypatch):
+    from fqdetr.quant import inference
+
+    monkeypatch.setattr(inference, "_MAX_CONV_K", 3 * 3 * 3 - 1)
+    monkeypatch.setattr(inference, "_packed_conv_weight", lambda *a: pytest.fail("int8 convolution used"))
+    torch.manual_seed(0)
+    conv = set_inference_mode(QuantConv2d.from_float(nn.Conv2d(3, 4, 3), LayerQuantConfig(a_bits=8)))
+    x = torch.randn(2, 3, 7, 7)
+    ref, fast = _both(_calibrated(conv, x), x)
+    assert torch.equal(ref, fast)

@@ -165,12 +165,17 @@ def _packed_conv_weight(conv, x_scale, zero_point):
     return packed, s, torch.zeros(s.numel(), dtype=torch.int64)
 
 
+# Longest exact reduction of u8 x s8 products (at most 255 * 128 each) in an int32 accumulator.
+_MAX_CONV_K = (1 << 31) // (255 * 128) - 1
+
+
 def integer_conv(conv, x):
     """oneDNN int8 convolution of ``conv`` (a QuantConv2d with activation quantizer) on x
     [N, C, H, W] float32 -> [N, O, H', W'] float32 (channels-last memory). None where the
-    ordinary path must run (NaN in x, empty input)."""
+    ordinary path must run (NaN in x, empty input, string padding, a reduction too long for
+    exact int32 sums)."""
     aq = conv.input_quantizer
-    if not x.numel() or isinstance(conv.padding, str):
+    if not x.numel() or isinstance(conv.padding, str) or conv.weight[0].numel() > _MAX_CONV_K:
         return None
     codes = _activation_codes(x, aq)
     if codes is None:
