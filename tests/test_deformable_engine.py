@@ -315,3 +315,18 @@ def test_eval_runs_a_checkpoint_of_either_family(trained, tiny_data, tmp_path, c
     assert "not both" in _one_line_error(capsys, ["eval", "--model", str(trained / "best.pth"), "--gt", "a.json",
                                                   "--detections", "b.json"])
     assert "are required" in _one_line_error(capsys, ["eval", "--data", str(tiny_data)])
+
+
+def test_a_deformable_run_resumes_with_its_architecture(trained, tiny_data, tmp_path):
+    import shutil
+
+    out = tmp_path / "resumed"
+    shutil.copytree(trained, out)
+    from fqdetr.cli import main
+
+    # --preset and the model flags are ignored on resume: the checkpoint gives the architecture
+    assert main(["train", "--data", str(tiny_data), "--resume", str(out / "checkpoint.pth"), "--epochs", "2",
+                 "--batch-size", "4", "--image-size", "64", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert state["step"] == 4 and state["family"] == "deformable_detr" and state["canvas"] == max_size_for(64)
+    assert state["args"]["enc_n_points"] == 2 and state["args"]["hidden_dim"] == 32
