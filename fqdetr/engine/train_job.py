@@ -19,11 +19,11 @@ from fqdetr.data import class_names_of, max_size_for
 from fqdetr.engine import distributed as dist_utils
 from fqdetr.engine.checkpoint import seed_everything
 from fqdetr.engine.evaluate import evaluate_model
+from fqdetr.engine.family import build_model, criterion_for, family_of
 from fqdetr.engine.loader import make_loader
 from fqdetr.engine.setup import load_datasets
 from fqdetr.engine.train import TrainConfig, train_detr
 from fqdetr.io import atomic_write, write_json
-from fqdetr.engine.family import build_model, criterion_for, family_of
 from fqdetr.models import load_detr_checkpoint
 from fqdetr.models.checkpoint import read_checkpoint
 
@@ -45,8 +45,8 @@ class TrainJob:
     batch_size: per process. train_limit / val_limit: first N images (val_limit only for the
         evaluations during training; the final report uses the whole val split).
     preset: a DETR or Deformable DETR preset (fqdetr.engine.family.build_model); arch: keyword
-        overrides of the preset. seed: init, data order and
-        augmentation. threads: torch CPU threads. export: copy best.pth there at the end.
+        overrides of the preset. seed: init, data order and augmentation. threads: torch CPU
+        threads. export: copy best.pth there at the end.
     command: the command line, stored in the checkpoints as ``train_command``.
     """
 
