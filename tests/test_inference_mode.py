@@ -74,6 +74,8 @@ def test_integer_conv_within_stated_tolerance(case):
     with torch.no_grad():
         set_inference_mode(q)
         y = q(x)
+        # a channels-last input (what the previous int8 convolution returns) is read in place
+        assert torch.equal(q(x.contiguous(memory_format=torch.channels_last)), y)
     aq, wq = q.input_quantizer, q.weight_quantizer
     xq = reference.fake_quant_forward(x, aq.scale, aq.bits, aq.signed)
     wfq = reference.fake_quant_forward(q.weight.detach(), wq.scale.detach(), wq.bits, True, axis=0)

@@ -114,13 +114,16 @@ def _linear_codes(weight, w_scale, bits):
 
 def _activation_codes(x, aq):
     """int8 codes of x (float32, any shape), as fqkernels' cpu backend stores them (unsigned
-    8-bit codes shifted by -128), or None when x holds NaN."""
-    x = x.contiguous()
-    codes = torch.empty(x.shape, dtype=torch.int8)
-    if x.numel() and _ext._cpu.quant_act_codes(_ext.dl(x), _ext.dl(aq.scale.detach().reshape(1)), _ext.dl(codes),
-                                               aq.bits, bool(aq.signed)):
+    8-bit codes shifted by -128), in x's memory layout, or None when x holds NaN. A
+    channels-last feature map (oneDNN's convolutions return them) is not copied to NCHW:
+    the copies took 60% of DETR-R50's integer forward."""
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    dense = x.permute(0, 2, 3, 1) if channels_last else x.contiguous()
+    codes = torch.empty(dense.shape, dtype=torch.int8)
+    if x.numel() and _ext._cpu.quant_act_codes(_ext.dl(dense), _ext.dl(aq.scale.detach().reshape(1)),
+                                               _ext.dl(codes), aq.bits, bool(aq.signed)):
         return None
-    return codes
+    return codes.permute(0, 3, 1, 2) if channels_last else codes
 
 
 def integer_linear(module, x, weight, bias, aq, rows=None):
