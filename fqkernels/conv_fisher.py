@@ -96,8 +96,8 @@ def conv2d_per_sample_fisher(x, grad_out, weight_shape, stride=1, padding=0, dil
     x [N, C, H, W] is the convolution's input, grad_out [N, O, Ho, Wo] the gradient of the
     per-sample-summed loss w.r.t. its output. At most ``chunk_bytes`` of unfolded input
     exist at a time; samples whose own unfolded input exceeds that, or with WGRAD_MIN_T
-    outputs or more, use torch's weight-gradient kernel one sample at a time. ``out``: optional float32/float64 buffer of
-    weight_shape that the result is added into.
+    outputs or more, use torch's weight-gradient kernel one sample at a time. ``out``:
+    optional float32/float64 buffer of weight_shape that the result is added into.
     """
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     _check_conv(x, grad_out, weight_shape, stride, padding, dilation, groups)

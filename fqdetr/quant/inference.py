@@ -5,8 +5,9 @@ version counter, storage and dtype of the weight and of its scale, and with the 
 optimizer steps taken (fused optimizers skip version counters); an optimizer step, a
 ``load_state_dict``, ``set_bits`` or any other in-place change makes the next call quantize
 again, so stale codes are never used (writes through ``.data`` bypass version counters: call
-``clear_cache`` after them). Activations are quantized on the fly. The integer paths run only when no gradient is needed (``torch.no_grad()``, eval,
-inference); training and Fisher passes take the fake-quant autograd path.
+``clear_cache`` after them). Activations are quantized on the fly. The integer paths run only
+when no gradient is needed (``torch.no_grad()``, eval, inference); training and Fisher
+passes take the fake-quant autograd path.
 
 Linear (QuantLinear, the attention projections): automatic whenever it applies, because it
 is the cpu backend's forward of ``fqkernels.quant_linear`` with the weight's codes cached

@@ -171,7 +171,8 @@ class QuantConv2d(nn.Conv2d):
         mode, else the cached fake-quantized weight); None where the autograd path must run."""
         wq, aq = self.weight_quantizer, self.input_quantizer
         if not (self.fake_quant_enabled and self.fisher_accumulator is None and wq.enabled and wq._ready
-                and not wq.observing and wq.offset is None and inference.no_grad_needed(x, self.weight, self.bias, wq.scale)):
+                and not wq.observing and wq.offset is None
+                and inference.no_grad_needed(x, self.weight, self.bias, wq.scale)):
             return None
         if self.integer_inference and inference.integer_path_applies(x, aq):
             y = inference.integer_conv(self, x)
