@@ -38,8 +38,10 @@ def _data(model_path, data_dir, image_size, eval_images, fisher_images, batch_si
     image_size, canvas = checkpoint_geometry(model_path, image_size)
     data = load_datasets(data_dir, image_size, max(eval_images, fisher_images, 400), eval_images,
                          class_names=class_names_of(read_checkpoint(model_path)))
-    train_subset = torch.utils.data.Subset(data["train"], range(min(eval_images, len(data["train"]))))
-    loaders = {"val": make_loader(data["val"], batch_size, canvas, shuffle=False),
+    # the first eval_images of each split, also from a dataset that holds more of them
+    val_subset, train_subset = (torch.utils.data.Subset(data[split], range(min(eval_images, len(data[split]))))
+                                for split in ("val", "train"))
+    loaders = {"val": make_loader(val_subset, batch_size, canvas, shuffle=False),
                "train": make_loader(train_subset, batch_size, canvas, shuffle=False)}
     fisher_loader = make_loader(torch.utils.data.Subset(data["train"], range(fisher_images)), batch_size,
                                 canvas, shuffle=False)
