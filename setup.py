@@ -78,7 +78,9 @@ setup(
     # Ranges, not pins: the GPU image (torch 2.11, triton 3.6) must satisfy them as it is.
     # The CPU pins live in the Makefile's set-up.
     install_requires=["torch>=2.4", "numpy", "scipy", "pycocotools", "pillow", "tqdm", "pyyaml", "matplotlib"],
-    extras_require={"triton": ["triton>=3.0"], "bench": ["opacus", "pytest-benchmark"]},
+    extras_require={"triton": ["triton>=3.0"], "bench": ["opacus", "pytest-benchmark"],
+                    # fqdetr.export: ONNX export and onnxruntime (the Makefile pins onnx==1.23.2, onnxruntime==1.32.0)
+                    "deploy": ["onnx>=1.23", "onnxruntime>=1.32"]},
     entry_points={"console_scripts": ["fqdetr=fqdetr.cli:main"]},
     zip_safe=False,
 )

@@ -10,7 +10,7 @@ from onnx import TensorProto, numpy_helper
 from torch import nn
 
 from fqdetr.data import CocoDetection, builtin_paths, make_builtin_dataset, make_transforms, max_size_for
-from fqdetr.deploy import OnnxDetector, evaluate_onnx, export_onnx
+from fqdetr.export import OnnxDetector, evaluate_onnx, export_onnx
 from fqdetr.engine import evaluate_model, make_loader
 from fqdetr.engine.quantize import quantize_detr
 from fqdetr.engine.setup import checkpoint_geometry

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from fqdetr.deploy import load_packed, save_packed
-from fqdetr.deploy.bitpack import pack_codes, packed_nbytes, unpack_codes
+from fqdetr.export import load_packed, save_packed
+from fqdetr.export.bitpack import pack_codes, packed_nbytes, unpack_codes
 from fqdetr.engine.quantize import apply_allocation, quantize_detr
 from fqdetr.models import DeformableDETR, build_deformable_detr, build_detr, save_detr_checkpoint
 from fqdetr.quant import QuantConfig, calibrate, quantize_model

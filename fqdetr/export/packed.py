@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from fqdetr.deploy.bitpack import pack_codes, packed_nbytes, unpack_codes
+from fqdetr.export.bitpack import pack_codes, packed_nbytes, unpack_codes
 from fqdetr.io import atomic_torch_save
 from fqdetr.models.checkpoint import checkpoint_family, model_from_checkpoint
 from fqdetr.quant import QuantConfig, QuantMultiheadAttention, quantize_model, quantized_modules, quantized_weights

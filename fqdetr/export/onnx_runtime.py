@@ -9,7 +9,7 @@ import os
 import torch
 from torch import nn
 
-from fqdetr.deploy.onnx_export import INPUT_NAMES, OUTPUT_NAMES
+from fqdetr.export.onnx_export import INPUT_NAMES, OUTPUT_NAMES
 
 
 def onnx_session(path, threads=None):
@@ -45,7 +45,7 @@ class OnnxDetector(nn.Module):
         self.session = onnx_session(path, threads)
         names = tuple(i.name for i in self.session.get_inputs())
         if names != INPUT_NAMES:
-            raise ValueError(f"{path}: expected ONNX inputs {INPUT_NAMES} (fqdetr.deploy.export_onnx), got {names}")
+            raise ValueError(f"{path}: expected ONNX inputs {INPUT_NAMES} (fqdetr.export.export_onnx), got {names}")
 
     def forward(self, samples):
         images, mask = samples

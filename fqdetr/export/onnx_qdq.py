@@ -8,7 +8,7 @@ activations from an ``ActivationQDQ``. Traced by torch.onnx's TorchScript export
 - ActivationQDQ emits QuantizeLinear -> DequantizeLinear per tensor with an int8 / uint8
   zero point, and a Clip to the code range below 8 bits (the ONNX types hold 8 bits);
 - WeightMarker emits a placeholder ``fqdetr::QuantWeight`` node that
-  ``fqdetr.deploy.onnx_graph`` replaces by integer initializers at the weight's bit-width
+  ``fqdetr.export.onnx_graph`` replaces by integer initializers at the weight's bit-width
   and a DequantizeLinear: torch's exporter has no integer types below 8 bits.
 """
 import contextlib

@@ -7,13 +7,13 @@ Weights are integer initializers at their bit-width (int8 per output channel, in
 2..4 bits), each feeding a DequantizeLinear; activations are QuantizeLinear ->
 DequantizeLinear pairs per tensor; everything else is float. Why this route: the model is
 traced by torch.onnx's TorchScript exporter with the quantized layers in their QDQ form
-(fqdetr.deploy.onnx_qdq), so the float part of DETR (backbone norms, masks, position
+(fqdetr.export.onnx_qdq), so the float part of DETR (backbone norms, masks, position
 encodings, grid_sample) is translated by torch itself, and only the weights, which torch
-cannot type below 8 bits, go through our own post-pass (fqdetr.deploy.onnx_graph). That
+cannot type below 8 bits, go through our own post-pass (fqdetr.export.onnx_graph). That
 exporter tops out at opset 20: opset 21 (int4) is written by raising the opset of the
 traced graph, whose ops opset 21 only extends with new types.
 
-Parity with the fake-quant model (fqdetr.deploy.OnnxDetector runs it with onnxruntime): the
+Parity with the fake-quant model (fqdetr.export.OnnxDetector runs it with onnxruntime): the
 same arithmetic up to float32 rounding; QuantizeLinear computes x / s where torch computes
 x * (1 / s), so a value within rounding of a code boundary can take the neighbouring code.
 On a trained W4A8 DETR that moves outputs as much as 1e-6 of input noise does in torch alone
@@ -27,8 +27,8 @@ import onnx
 import torch
 from torch import nn
 
-from fqdetr.deploy.onnx_graph import lower_weight_markers, weight_type
-from fqdetr.deploy.onnx_qdq import MARKER_DOMAIN, qdq_forward
+from fqdetr.export.onnx_graph import lower_weight_markers, weight_type
+from fqdetr.export.onnx_qdq import MARKER_DOMAIN, qdq_forward
 from fqdetr.io import atomic_write
 from fqdetr.models import DeformableDETR
 from fqdetr.quant import quantized_weights

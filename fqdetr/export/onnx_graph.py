@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fqdetr.deploy.onnx_qdq import MARKER_DOMAIN
+from fqdetr.export.onnx_qdq import MARKER_DOMAIN
 
 INT4_MIN_OPSET = 21
 
