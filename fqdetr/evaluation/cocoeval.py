@@ -158,3 +158,14 @@ def per_category_ap(E):
         ap50 = float(np.mean(p50[p50 > -1])) if (p50 > -1).any() else None
         out[int(cat_id)] = (ap, ap50)
     return out
+
+
+def evaluate_images(coco_gt, coco_dt, cat_ids=None):
+    """COCOeval (bbox) after evaluate() only: its per-image matches ``evalImgs``, which
+    fqdetr.stats accumulates with image weights (bootstrap resamples)."""
+    E = COCOeval(coco_gt, coco_dt, "bbox")
+    if cat_ids is not None:
+        E.params.catIds = sorted(cat_ids)
+    with quiet():
+        E.evaluate()
+    return E
