@@ -15,13 +15,21 @@ Sigmoid heads (Deformable DETR, no no-object logit), |S| + 1 logits: [z_s for s 
     mode "max":  z_other = their max
     mode "drop": no "other" logit (|S| logits), non-critical objects removed from the targets
 Targets: a label in S becomes its position in S, any other label "other" (|S|).
+
+Selective modes (docs/METHOD.md section 1.4), on the "lse" logits and targets, matching as "lse":
+    "matched":  class and box terms only on the queries matched to critical objects
+    "contrast": class term of S against the rest on every query (the rest down-weighted by the
+                criterion's eos coefficient), box terms only on the critical matches
+Both are divided by the number of critical objects.
 """
 import torch
+import torch.nn.functional as F
 
 from fqdetr.models.criterion import SetCriterion
-from fqdetr.models.deformable.criterion import DeformableSetCriterion
+from fqdetr.models.deformable.criterion import DeformableSetCriterion, sigmoid_focal_loss
 
-MODES = ("lse", "max", "drop")
+SELECTIVE_MODES = ("matched", "contrast")
+MODES = ("lse", "max", "drop") + SELECTIVE_MODES
 HEADS = ("softmax", "sigmoid")
 
 
@@ -218,12 +226,64 @@ def criterion_like(criterion, num_classes):
     raise TypeError(f"criterion: expected a SetCriterion or DeformableSetCriterion, got {type(criterion).__name__}")
 
 
+def _class_term(criterion, logits, matched, labels, num_critical, mode):
+    """[B] per-image class term of a selective mode, unnormalised.
+
+    logits: T_S logits [B, Q, |S|+2] (softmax) or [B, Q, |S|+1] (sigmoid); matched: (batch
+    index [N], query index [N]) of the queries matched to critical objects, labels [N] their
+    positions in S. "matched" sums the class loss over those queries; "contrast" scores S
+    against the rest on every query, other and no-object merged into one rest class
+    (softmax) or the "other" column left out (sigmoid), the rest queries weighted eos_coef.
+    """
+    B, Q = logits.shape[:2]
+    target = torch.full((B, Q), num_critical, dtype=torch.long, device=logits.device)
+    target[matched] = labels.to(logits.device)
+    is_critical = torch.zeros(B, Q, dtype=torch.bool, device=logits.device)
+    is_critical[matched] = True
+    if mode == "contrast" and head_of(criterion) == "softmax":
+        logits = torch.cat([logits[..., :num_critical], logits[..., num_critical:].logsumexp(-1, keepdim=True)], -1)
+    elif mode == "contrast":
+        logits = logits[..., :num_critical]
+    if head_of(criterion) == "sigmoid":
+        onehot = F.one_hot(target, num_critical + 1)[..., :logits.shape[-1]].to(logits)
+        loss = sigmoid_focal_loss(logits, onehot, criterion.focal_alpha, criterion.focal_gamma).sum(-1)
+    else:
+        loss = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+    rest_weight = 0.0 if mode == "matched" else criterion.eos_coef
+    weight = torch.where(is_critical, torch.ones_like(loss), torch.full_like(loss, rest_weight))
+    return (loss * weight).sum(1)
+
+
+def selective_terms(criterion, outputs, targets, num_critical, mode):
+    """{"loss_ce", "loss_bbox", "loss_giou" (+ "_{i}" per aux output): [B]} per-image sums of a
+    selective mode ("matched" or "contrast") on T_S(outputs), T_S(targets) (critical labels
+    0..num_critical-1), not yet divided by the number of critical objects. Each output is
+    matched to all transformed targets by ``criterion.matcher`` and only the pairs whose
+    target is critical are kept. Two-stage ``enc_outputs`` are left out: they are class-agnostic."""
+    levels = [("", outputs)] + [(f"_{i}", a) for i, a in enumerate(outputs.get("aux_outputs", []))]
+    out = {}
+    for suffix, level in levels:
+        indices = criterion.matcher(level, targets)
+        critical = [(src[keep], tgt[keep]) for (src, tgt), t in zip(indices, targets)
+                    for keep in [t["labels"][tgt].to(src.device) < num_critical]]
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(critical)])
+        query_idx = torch.cat([src for src, _ in critical])
+        labels = torch.cat([t["labels"][tgt] for t, (_, tgt) in zip(targets, critical)])
+        boxes = criterion.loss_boxes(level, targets, critical, 1.0, per_image=True)
+        out["loss_ce" + suffix] = _class_term(criterion, level["pred_logits"], (batch_idx, query_idx), labels,
+                                              num_critical, mode)
+        out.update({k + suffix: v for k, v in boxes.items()})
+    return out
+
+
 class CriticalLoss(torch.nn.Module):
     """L_crit: the detector's set loss on T_S(outputs), T_S(targets), matching recomputed on the
-    transformed logits (softmax: CE with the eos weight; sigmoid: the focal loss and cost).
+    transformed logits (softmax: CE with the eos weight; sigmoid: the focal loss and cost), or
+    a selective mode's terms (``selective_terms``).
 
     make_criterion(num_classes) builds the criterion for T_S's transformed_num_classes, with
-    the same matcher costs, weights and eos coefficient / focal constants as the ordinary loss.
+    the same matcher costs, weights and eos coefficient / focal constants as the ordinary loss;
+    ``weight_dict`` and ``eos_coef`` are that criterion's.
     """
 
     def __init__(self, S, num_classes, make_criterion, mode="lse", head="softmax"):
@@ -231,11 +291,31 @@ class CriticalLoss(torch.nn.Module):
         _check_options(mode, head)
         self.S, self.mode, self.head, self.num_classes = _check_set(S, num_classes), mode, head, num_classes
         self.criterion = make_criterion(transformed_num_classes(len(self.S), mode, head))
+        self.weight_dict, self.eos_coef = self.criterion.weight_dict, self.criterion.eos_coef
 
     def transform(self, outputs, targets):
         """(T_S(outputs), T_S(targets)) for this loss's set, mode and head."""
         return critical_transform(outputs, targets, self.S, self.mode, self.head)
 
-    def forward(self, outputs, targets, reduction="batch", num_boxes=None):
+    def num_objects(self, targets):
+        """[B] float: the objects each image's loss is normalised by: the critical ones in the
+        modes whose box terms see only those ("drop" and the selective modes), else all."""
+        if self.mode == "drop" or self.mode in SELECTIVE_MODES:
+            S = torch.tensor(self.S)
+            return torch.stack([torch.isin(t["labels"].cpu(), S).sum() for t in targets]).float()
+        return torch.tensor([float(len(t["labels"])) for t in targets])
+
+    def forward(self, outputs, targets, reduction="batch", num_boxes=None, class_normalizer=None):
+        """As the criterion's forward: {name: scalar} or, ``reduction="per_image"``, {name: [B]}.
+        Selective modes divide every term by ``num_boxes`` (default: the batch's critical
+        objects, at least 1) and ignore ``class_normalizer``."""
         t_out, t_targets = self.transform(outputs, targets)
-        return self.criterion(t_out, t_targets, reduction=reduction, num_boxes=num_boxes)
+        if self.mode not in SELECTIVE_MODES:
+            return self.criterion(t_out, t_targets, reduction=reduction, num_boxes=num_boxes,
+                                  class_normalizer=class_normalizer)
+        if reduction not in ("batch", "per_image"):
+            raise ValueError(f"reduction must be 'batch' or 'per_image', got {reduction!r}")
+        norm = num_boxes if num_boxes is not None else max(float(self.num_objects(targets).sum()), 1.0)
+        terms = {k: v / norm for k, v in selective_terms(self.criterion, t_out, t_targets, len(self.S),
+                                                           self.mode).items()}
+        return terms if reduction == "per_image" else {k: v.sum() for k, v in terms.items()}

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 import fqkernels as fk
-from fqdetr.critical import CriticalLoss, criterion_like, head_of
+from fqdetr.critical import SELECTIVE_MODES, CriticalLoss, criterion_like, head_of
 from fqdetr.engine.distributed import all_reduce_fisher
 from fqdetr.fisher import FisherCollector
 from fqdetr.models.criterion import weighted_loss
@@ -41,35 +41,87 @@ def _image(outputs, i):
     return outputs[i:i + 1]
 
 
-def per_image(criterion, outputs, targets):
-    """[B] losses, each image's DETR loss as if it were alone in its batch (CE averaged over its
-    own queries, box terms over its own objects). Unlike DETR's batch normaliser this does not
-    depend on which images share a batch or a process, so Fisher traces are the same for any
-    batching and under torchrun."""
+NORMALIZERS = ("fixed", "per_image")
+
+
+def mean_objects_per_image(dataset, labels=None):
+    """Mean number of (non-crowd) annotated objects per image of a CocoDetection ``dataset``,
+    counting only ``labels`` (contiguous label indices) when given; 1.0 when that mean is 0, so
+    that it can divide. The fixed normaliser of docs/METHOD.md section 2.4."""
+    wanted = set(range(dataset.num_classes) if labels is None else labels)
+    total = sum(1 for i in dataset.ids for a in dataset.coco.imgToAnns.get(i, [])
+                if not a.get("iscrowd", 0) and dataset.cat_id_to_label.get(a["category_id"]) in wanted)
+    mean = total / max(len(dataset.ids), 1)
+    return mean if mean > 0 else 1.0
+
+
+def class_normalizer(criterion, num_queries, objects):
+    """The total cross-entropy weight of an image with ``objects`` objects among ``num_queries``
+    queries (objects weigh 1, the other queries eos_coef): the constant a softmax head's class
+    loss is divided by under the fixed normaliser."""
+    return objects + criterion.eos_coef * max(num_queries - objects, 0.0)
+
+
+def _object_counts(criterion, targets):
+    """[B] the objects each image's loss is normalised by (CriticalLoss knows its own)."""
+    if isinstance(criterion, CriticalLoss):
+        return criterion.num_objects(targets)
+    return torch.tensor([float(len(t["labels"])) for t in targets])
+
+
+def per_image(criterion, outputs, targets, normalizer="fixed", objects_per_image=1.0):
+    """[B] losses, image n's entry a function of image n's outputs only (docs/METHOD.md section 2.4).
+
+    criterion: a SetCriterion, DeformableSetCriterion or CriticalLoss; outputs: its output dict
+    ([B, Q, ...] tensors); targets: B target dicts.
+    normalizer "fixed": every image's terms summed and divided by the same constants, the
+        normalisers DETR would use for an image with ``objects_per_image`` objects (box and focal
+        terms by it, softmax cross-entropy by class_normalizer), in one batched call;
+    normalizer "per_image": each image as if alone in its batch (its own object count, its own
+        total class weight), one call per image.
+    Neither depends on which images share a batch or a process.
+    """
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"normalizer: expected one of {NORMALIZERS}, got {normalizer!r}")
+    if normalizer == "fixed":
+        if not objects_per_image > 0:
+            raise ValueError(f"objects_per_image: expected a positive number, got {objects_per_image}")
+        num_queries = outputs["pred_logits"].shape[1]
+        terms = criterion(outputs, targets, reduction="per_image", num_boxes=float(objects_per_image),
+                          class_normalizer=class_normalizer(criterion, num_queries, objects_per_image))
+        return weighted_loss(terms, criterion.weight_dict)
     losses = []
-    for i, t in enumerate(targets):
-        terms = criterion(_image(outputs, i), [t], num_boxes=max(float(len(t["labels"])), 1.0))
-        losses.append(weighted_loss(terms, criterion.weight_dict))
+    for i, (t, n) in enumerate(zip(targets, _object_counts(criterion, targets).tolist())):
+        terms = criterion(_image(outputs, i), [t], reduction="per_image", num_boxes=max(n, 1.0))
+        losses.append(weighted_loss(terms, criterion.weight_dict)[0])
     return torch.stack(losses)
 
 
-def detr_objectives(criterion, make_criterion, critical_labels, alpha=1.0, mode="lse"):
+def detr_objectives(criterion, make_criterion, critical_labels, alpha=1.0, mode="lse", normalizer="fixed",
+                    objects_per_image=1.0, critical_objects_per_image=None):
     """{"overall", "critical", "mix"}: per-image objectives f(outputs, targets) -> [B].
 
     criterion: the ordinary criterion, a SetCriterion (DETR, softmax head) or a
     DeformableSetCriterion (sigmoid focal head; T_S then follows docs/METHOD.md section 1.2's
     sigmoid form); make_criterion(num_classes) builds one for the transformed classes, None
     for a criterion of the same kind with the same matcher, weights and constants
-    (fqdetr.critical.criterion_like); critical_labels: the set S; mix = alpha * L_all + L_crit.
+    (fqdetr.critical.criterion_like); critical_labels: the set S; mode: T_S's mode
+    (fqdetr.critical.MODES); mix = alpha * L_all + L_crit.
+    normalizer: see ``per_image``; objects_per_image: its fixed constant for L_all and for the
+    modes that keep every object; critical_objects_per_image: for "drop" and the selective
+    modes, whose terms count only critical objects (default objects_per_image).
+    mean_objects_per_image gives both from a dataset.
     """
     make_criterion = make_criterion or (lambda n: criterion_like(criterion, n))
     crit = CriticalLoss(critical_labels, criterion.num_classes, make_criterion, mode, head_of(criterion))
+    critical_only = mode == "drop" or mode in SELECTIVE_MODES
+    crit_objects = critical_objects_per_image if critical_only and critical_objects_per_image else objects_per_image
 
     def overall(outputs, targets):
-        return per_image(criterion, outputs, targets)
+        return per_image(criterion, outputs, targets, normalizer, objects_per_image)
 
     def critical(outputs, targets):
-        return per_image(crit.criterion, *crit.transform(outputs, targets))
+        return per_image(crit, outputs, targets, normalizer, crit_objects)
 
     return {"overall": overall, "critical": critical,
             "mix": lambda o, t: alpha * overall(o, t) + critical(o, t)}

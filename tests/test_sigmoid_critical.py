@@ -138,9 +138,10 @@ def _focal_cost(logits, alpha=0.25, gamma=2.0):
     return alpha * (1 - p) ** gamma * -(p + 1e-8).log() - (1 - alpha) * p ** gamma * -(1 - p + 1e-8).log()
 
 
-def _direct_image_loss(logits, boxes, labels, tgt_boxes):
+def _direct_image_loss(logits, boxes, labels, tgt_boxes, norm=None):
     """One image's focal set loss by brute force over every assignment of targets to queries:
-    logits [Q, C'] (already transformed), labels [n] in 0..C'-1. Weights and costs 2/5/2."""
+    logits [Q, C'] (already transformed), labels [n] in 0..C'-1. Weights and costs 2/5/2.
+    norm: the normaliser (default the image's own object count, at least 1)."""
     n = len(labels)
     l1 = (boxes[:, None] - tgt_boxes[None]).abs().sum(-1)  # [Q, n]
     giou = generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
@@ -149,18 +150,22 @@ def _direct_image_loss(logits, boxes, labels, tgt_boxes):
     onehot = torch.zeros_like(logits)
     for k, q in enumerate(best):
         onehot[q, labels[k]] = 1.0
-    norm = max(n, 1)
+    norm = norm or max(n, 1)
     focal = sigmoid_focal_loss(logits, onehot).sum() / norm
     box = sum(5 * l1[q, k] + 2 * (1 - giou[q, k]) for k, q in enumerate(best)) / norm if n else 0.0
     return 2 * focal + box
 
 
+@pytest.mark.parametrize("normalizer", ["fixed", "per_image"])
 @pytest.mark.parametrize("mode", ["lse", "max", "drop"])
-def test_critical_objective_matches_a_direct_computation(mode):
+def test_critical_objective_matches_a_direct_computation(mode, normalizer):
     outputs, targets = _case()
     S = [1, 3]
     criterion = build_deformable_criterion(5, dec_layers=1, aux_loss=False)
-    got = detr_objectives(criterion, None, S, mode=mode)["critical"](outputs, targets)
+    # fixed: one constant for every image, the critical objects' mean where only they count ("drop")
+    fixed = 1.5 if mode == "drop" else 2.5
+    got = detr_objectives(criterion, None, S, mode=mode, normalizer=normalizer, objects_per_image=2.5,
+                          critical_objects_per_image=1.5)["critical"](outputs, targets)
     rest = [0, 2, 4]
     for i, t in enumerate(targets):
         z = outputs["pred_logits"][i]
@@ -170,7 +175,8 @@ def test_critical_objective_matches_a_direct_computation(mode):
             other = direct_noisy_or(z[:, rest]) if mode == "lse" else z[:, rest].amax(-1)
             logits, keep = torch.cat([z[:, S], other[:, None]], -1), torch.ones(len(t["labels"]), dtype=torch.bool)
         labels = torch.tensor([S.index(int(l)) if int(l) in S else len(S) for l in t["labels"]])[keep]
-        ref = _direct_image_loss(logits, outputs["pred_boxes"][i], labels, t["boxes"][keep])
+        ref = _direct_image_loss(logits, outputs["pred_boxes"][i], labels, t["boxes"][keep],
+                                 fixed if normalizer == "fixed" else None)
         assert float(got[i]) == pytest.approx(float(ref), rel=1e-10), (mode, i)
 
 

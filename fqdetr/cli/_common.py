@@ -33,6 +33,8 @@ def add_common(p, data=True):
                        help="val images (and as many training images) evaluated (default 200)")
         g.add_argument("--critical", default="person",
                        help="critical set: a supercategory, a category name, or names joined by '+'")
+        g.add_argument("--critical-mode", default="lse", choices=["lse", "max", "drop", "matched", "contrast"],
+                       help="critical objective (docs/METHOD.md section 1.4; default lse)")
 
 
 def load_config_file(path):
@@ -193,5 +195,5 @@ def prepare(args, train_images=400):
     loaders = {"val": make_loader(data["val"], args.batch_size, canvas, shuffle=False),
                "train": make_loader(train_eval, args.batch_size, canvas, shuffle=False)}
     criterion, objectives, S, sets = critical_setup(model, data["val"], args.critical,
-                                                    alpha=getattr(args, "alpha", 1.0))
+                                                    alpha=getattr(args, "alpha", 1.0), mode=args.critical_mode)
     return Prepared(model, data, loaders, criterion, objectives, S, sets, canvas)

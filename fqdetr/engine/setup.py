@@ -5,7 +5,7 @@ from fqdetr.critical import category_sets, criterion_like
 from fqdetr.data import CocoDetection, make_transforms, max_size_for, resolve_dataset, train_scales
 from fqdetr.engine.evaluate import evaluate_model
 from fqdetr.engine.family import criterion_for
-from fqdetr.sensitivity import detr_objectives
+from fqdetr.sensitivity import detr_objectives, mean_objects_per_image
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,11 @@ def load_datasets(data_dir, image_size=128, num_train=400, num_val=200, class_na
     return {split: CocoDetection(*paths[split], transforms=tf[split], class_names=class_names) for split in paths}
 
 
-def critical_setup(model, dataset, critical="person", alpha=1.0):
+def critical_setup(model, dataset, critical="person", alpha=1.0, mode="lse", normalizer="fixed"):
     """(criterion, objectives {"overall", "critical", "mix"}, critical labels S, critical sets
-    for evaluation: the chosen one plus every supercategory), for a DETR or a Deformable DETR."""
+    for evaluation: the chosen one plus every supercategory), for a DETR or a Deformable DETR.
+    mode: the critical objective's (fqdetr.critical.MODES); normalizer: the per-image losses'
+    (fqdetr.sensitivity.per_image), whose fixed constants are ``dataset``'s mean object counts."""
     cats = dataset.coco.loadCats(dataset.cat_ids)
     # "a+b" joins members into one set; digits are category ids (as fqdetr eval reads them).
     members = [int(m) if m.strip().isdigit() else m.strip() for m in critical.split("+")]
@@ -48,7 +50,9 @@ def critical_setup(model, dataset, critical="person", alpha=1.0):
     sets = {critical: critical}
     sets.update({s: s for s in sorted({c["supercategory"] for c in cats})})
     criterion = criterion_for(model)  # the model family's: DETR's softmax CE or Deformable DETR's focal loss
-    objectives = detr_objectives(criterion, lambda n: criterion_like(criterion, n), S, alpha=alpha)
+    objectives = detr_objectives(criterion, lambda n: criterion_like(criterion, n), S, alpha=alpha, mode=mode,
+                                 normalizer=normalizer, objects_per_image=mean_objects_per_image(dataset),
+                                 critical_objects_per_image=mean_objects_per_image(dataset, S))
     return criterion, objectives, S, sets
 
 

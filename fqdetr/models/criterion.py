@@ -70,8 +70,9 @@ class SetCriterion(nn.Module):
         self.register_buffer("empty_weight", empty_weight)
 
     def loss_labels(self, outputs, targets, indices: Indices, num_boxes: float, per_image: bool,
-                    log: bool = True) -> Dict[str, Tensor]:
-        """Weighted CE over all queries: sum_{b,q} w_t nll_{b,q} / sum_{b,q} w_t."""
+                    log: bool = True, class_normalizer: Optional[float] = None) -> Dict[str, Tensor]:
+        """Weighted CE over all queries: sum_{b,q} w_t nll_{b,q} / sum_{b,q} w_t, or, per image
+        with ``class_normalizer``, sum_q w_t nll_{b,q} / class_normalizer (a constant)."""
         logits = outputs["pred_logits"]  # [B, Q, C+1]
         batch_idx, src_idx = _src_permutation_idx(indices)
         target_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
@@ -80,8 +81,8 @@ class SetCriterion(nn.Module):
         weight = self.empty_weight.to(logits.dtype)
         if per_image:
             wnll = F.cross_entropy(logits.transpose(1, 2), target, weight, reduction="none")  # [B, Q]
-            # Divide by the batch's total weight (a constant), not each image's.
-            loss_ce = wnll.sum(1) / weight[target].sum()
+            # Divide by a constant (given, else the batch's total weight), not each image's own.
+            loss_ce = wnll.sum(1) / (class_normalizer or weight[target].sum())
         else:
             loss_ce = F.cross_entropy(logits.transpose(1, 2), target, weight)
         losses = {"loss_ce": loss_ce}
@@ -129,13 +130,16 @@ class SetCriterion(nn.Module):
         return max(float(n.item()), 1.0)
 
     def forward(self, outputs: Dict[str, object], targets: Sequence[Dict[str, Tensor]],
-                reduction: str = "batch", num_boxes: Optional[float] = None) -> Dict[str, Tensor]:
+                reduction: str = "batch", num_boxes: Optional[float] = None,
+                class_normalizer: Optional[float] = None) -> Dict[str, Tensor]:
         """outputs: DETR output dict (pred_logits [B, Q, C+1], pred_boxes [B, Q, 4], optional
         pred_probs for matching, optional aux_outputs); targets: B dicts (labels [n_i],
         boxes [n_i, 4] cxcywh normalised).
 
         Returns {name: scalar} (``reduction="batch"``) or {name: [B]} (``"per_image"``),
-        the box normaliser being ``num_boxes`` when given, else the batch's target count.
+        the box normaliser being ``num_boxes`` when given, else the batch's target count;
+        ``class_normalizer`` (per image only): the constant the class loss is divided by,
+        else the batch's total class weight (docs/METHOD.md section 2.4).
         """
         if reduction not in ("batch", "per_image"):
             raise ValueError(f"reduction must be 'batch' or 'per_image', got {reduction!r}")
@@ -143,16 +147,18 @@ class SetCriterion(nn.Module):
         main = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         if num_boxes is None:
             num_boxes = self.batch_num_boxes(targets, device=outputs["pred_logits"].device)
-        losses = self._losses_for(main, targets, num_boxes, per_image, suffix="", log=True)
+        losses = self._losses_for(main, targets, num_boxes, per_image, suffix="", log=True,
+                                  class_normalizer=class_normalizer)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            losses.update(self._losses_for(aux, targets, num_boxes, per_image, suffix=f"_{i}", log=False))
+            losses.update(self._losses_for(aux, targets, num_boxes, per_image, suffix=f"_{i}", log=False,
+                                           class_normalizer=class_normalizer))
         return losses
 
-    def _losses_for(self, outputs, targets, num_boxes, per_image, suffix, log):
+    def _losses_for(self, outputs, targets, num_boxes, per_image, suffix, log, class_normalizer=None):
         indices = self.matcher(outputs, targets)
         out = {}
         for loss in self.losses:
-            kwargs = {"log": log} if loss == "labels" else {}
+            kwargs = {"log": log, "class_normalizer": class_normalizer} if loss == "labels" else {}
             for k, v in self.get_loss(loss, outputs, targets, indices, num_boxes, per_image, **kwargs).items():
                 out[k + suffix] = v
         return out

@@ -62,9 +62,10 @@ class DeformableSetCriterion(SetCriterion):
         self.class_weight: Optional[Tensor] = None  # [C] focal-loss weight per class (None: all 1)
 
     def loss_labels(self, outputs, targets, indices: Indices, num_boxes: float, per_image: bool,
-                    log: bool = True) -> Dict[str, Tensor]:
+                    log: bool = True, class_normalizer: Optional[float] = None) -> Dict[str, Tensor]:
         """Focal loss summed over queries and classes, divided by num_boxes (the official
-        ``mean(1).sum() / num_boxes * Q``)."""
+        ``mean(1).sum() / num_boxes * Q``); ``class_normalizer`` is unused: the focal loss
+        has DETR's box normaliser."""
         logits = outputs["pred_logits"]  # [B, Q, C]
         matched = _src_permutation_idx(indices)
         target_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
@@ -80,14 +81,16 @@ class DeformableSetCriterion(SetCriterion):
         return losses
 
     def forward(self, outputs: Dict[str, object], targets: Sequence[Dict[str, Tensor]],
-                reduction: str = "batch", num_boxes: Optional[float] = None) -> Dict[str, Tensor]:
+                reduction: str = "batch", num_boxes: Optional[float] = None,
+                class_normalizer: Optional[float] = None) -> Dict[str, Tensor]:
         """outputs: DeformableDETR output dict (pred_logits [B, Q, C], pred_boxes [B, Q, 4],
         optional aux_outputs and enc_outputs); targets: B dicts (labels [n_i], boxes [n_i, 4]
-        cxcywh normalised). Returns {name: scalar} or, ``"per_image"``, {name: [B]}."""
+        cxcywh normalised). Returns {name: scalar} or, ``"per_image"``, {name: [B]}.
+        ``class_normalizer`` is accepted for SetCriterion's signature and unused."""
         decoder_outputs = {k: v for k, v in outputs.items() if k != "enc_outputs"}
         if num_boxes is None:
             num_boxes = self.batch_num_boxes(targets, device=outputs["pred_logits"].device)
-        losses = super().forward(decoder_outputs, targets, reduction, num_boxes)
+        losses = super().forward(decoder_outputs, targets, reduction, num_boxes, class_normalizer)
         if "enc_outputs" in outputs:
             # proposals are class-agnostic: every target is class 0 ("object")
             binary = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
