@@ -10,7 +10,8 @@ import logging
 import sys
 
 # Sub-command modules, in the order ``--help`` lists them.
-COMMANDS = ["data", "train", "eval", "fisher", "allocate", "ptq", "qat", "report", "demo", "reproduce"]
+COMMANDS = ["data", "train", "eval", "fisher", "allocate", "ptq", "qat", "export", "detect", "report", "demo",
+            "reproduce"]
 
 
 def build_parser():

@@ -73,8 +73,10 @@ def family_of_preset(preset: str) -> Family:
 
 
 def family_of(model: nn.Module) -> Family:
-    """The family of a built detector (a DeformableDETR, else DETR)."""
-    return FAMILIES[DEFORMABLE if isinstance(model, DeformableDETR) else DETR]
+    """The family of a built detector (a DeformableDETR, else DETR); an exported one
+    (fqdetr.export.OnnxDetector) names its own in ``family_name``."""
+    name = getattr(model, "family_name", None)
+    return FAMILIES[name or (DEFORMABLE if isinstance(model, DeformableDETR) else DETR)]
 
 
 def build_model(preset: str, num_classes: int, **arch) -> nn.Module:

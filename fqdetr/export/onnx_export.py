@@ -19,6 +19,7 @@ x * (1 / s), so a value within rounding of a code boundary can take the neighbou
 On a trained W4A8 DETR that moves outputs as much as 1e-6 of input noise does in torch alone
 (tests/test_onnx_export.py states the tolerances and the measured noise floor).
 """
+import json
 import os
 import tempfile
 import warnings
@@ -29,6 +30,7 @@ from torch import nn
 
 from fqdetr.export.onnx_graph import lower_weight_markers, weight_type
 from fqdetr.export.onnx_qdq import MARKER_DOMAIN, qdq_forward
+from fqdetr.engine.family import DEFORMABLE, DETR
 from fqdetr.io import atomic_write
 from fqdetr.models import DeformableDETR
 from fqdetr.quant import quantized_weights
@@ -36,6 +38,7 @@ from fqdetr.quant import quantized_weights
 MIN_OPSET, MAX_OPSET = 16, 21  # grid_sample (Deformable DETR) needs 16; int4 weights 21
 _TRACER_MAX_OPSET = 20
 INPUT_NAMES, OUTPUT_NAMES = ("images", "mask"), ("pred_logits", "pred_boxes")
+METADATA_KEY = "fqdetr"
 
 
 class DetectorOutputs(nn.Module):
@@ -79,14 +82,16 @@ def _traced(model, example, opset, dynamic_size, folder):
     return onnx.load(raw), weights
 
 
-def export_onnx(model, path, *, opset=21, example_size=(128, 128), dynamic_size=None):
+def export_onnx(model, path, *, opset=21, example_size=(128, 128), dynamic_size=None, metadata=None):
     """Writes the quantized ``model`` as ONNX to ``path`` (atomically: nothing is left at
     ``path`` when anything fails); returns the path.
 
     opset: 16..21; weights of 2..4 bits need 21. example_size: (H, W) of the example image
     traced. dynamic_size: batch and image size both dynamic (default for DETR); Deformable
     DETR's sampling reads its feature-map sizes as Python numbers, so its default is a
-    dynamic batch at the example size only.
+    dynamic batch at the example size only. metadata: a JSON-serialisable dict (image size,
+    canvas, categories: fqdetr.export.artifact.METADATA_KEYS) stored, with the detector's
+    family, as the model's metadata_props entry METADATA_KEY (OnnxDetector.metadata).
     Raises ValueError naming the layer for an uncalibrated quantizer, a quantized layer
     type without a QDQ form, or a bit-width the opset cannot store.
     """
@@ -106,4 +111,7 @@ def export_onnx(model, path, *, opset=21, example_size=(128, 128), dynamic_size=
         for module, training in modes:
             module.training = training
     lower_weight_markers(proto, weights, opset)
+    # the family picks the post-processing (DETR's softmax, Deformable DETR's sigmoids)
+    family = DEFORMABLE if isinstance(model, DeformableDETR) else DETR
+    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps({**(metadata or {}), "family": family})})
     return atomic_write(path, lambda f: f.write(proto.SerializeToString()))

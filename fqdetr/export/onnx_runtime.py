@@ -4,12 +4,14 @@
     out = detector((images, mask))            # {"pred_logits", "pred_boxes"} tensors
     evaluate_onnx("model.onnx", val_loader)   # what fqdetr.engine.evaluate_model gives a torch model
 """
+import json
 import os
 
 import torch
 from torch import nn
 
-from fqdetr.export.onnx_export import INPUT_NAMES, OUTPUT_NAMES
+from fqdetr.engine.family import DETR
+from fqdetr.export.onnx_export import INPUT_NAMES, METADATA_KEY, OUTPUT_NAMES
 
 
 def onnx_session(path, threads=None):
@@ -38,7 +40,9 @@ def onnx_session(path, threads=None):
 class OnnxDetector(nn.Module):
     """An exported detector behind a DETR's call signature: forward((images [B, 3, H, W],
     mask [B, H, W])) -> {"pred_logits": [B, Q, C], "pred_boxes": [B, Q, 4]} (CPU tensors), so
-    torch-side evaluation code runs it unchanged."""
+    torch-side evaluation code runs it unchanged. ``metadata``: the dict export_onnx stored
+    (image size, canvas, categories, family); ``family_name``: the detector family, which picks
+    the post-processing."""
 
     def __init__(self, path, threads=None):
         super().__init__()
@@ -46,6 +50,9 @@ class OnnxDetector(nn.Module):
         names = tuple(i.name for i in self.session.get_inputs())
         if names != INPUT_NAMES:
             raise ValueError(f"{path}: expected ONNX inputs {INPUT_NAMES} (fqdetr.export.export_onnx), got {names}")
+        stored = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        self.metadata = json.loads(stored) if stored else {}
+        self.family_name = self.metadata.get("family", DETR)  # fqdetr.engine.family.family_of reads it
 
     def forward(self, samples):
         images, mask = samples
