@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 import fqkernels as fk
 from fqdetr.critical import SELECTIVE_MODES, CriticalLoss, criterion_like, head_of
-from fqdetr.engine.distributed import all_reduce_fisher
+from fqdetr.engine.distributed import all_reduce_fisher, all_reduce_sum, rank
 from fqdetr.fisher import FisherCollector
 from fqdetr.models.criterion import weighted_loss
 from fqdetr.models.deformable import DeformableDETR
@@ -150,22 +150,55 @@ def fisher_traces(model, loader, objective, num_batches=None, progress=True):
     return fc.traces()
 
 
+def _rademacher(shape, gen):
+    """A Rademacher probe (+-1) [shape] drawn by ``gen`` on ``gen``'s device."""
+    return torch.randint(0, 2, shape, generator=gen, device=gen.device).float() * 2 - 1
+
+
+def _hutchinson_batch(weights, loss, probes, gen):
+    """[layers] sum over this batch's images of v^T H_l v, averaged over ``probes`` probes."""
+    grads = torch.autograd.grad(loss, weights, create_graph=True)
+    total = torch.zeros(len(weights), dtype=torch.float64, device=weights[0].device)
+    for _ in range(probes):
+        vs = [_rademacher(g.shape, gen) for g in grads]
+        hvs = torch.autograd.grad(grads, weights, vs, retain_graph=True)
+        total += torch.stack([(v * hv).sum().double() for v, hv in zip(vs, hvs)]) / probes
+    return total
+
+
+def clip_negative_traces(traces):
+    """{layer: max(trace, 0)}, with a warning naming the clipped layers: a Hutchinson estimate of
+    tr(H_l) can be negative (H need not be positive semi-definite, and the estimator is noisy),
+    and fqdetr.allocate.sensitivities refuses negative traces (docs/METHOD.md section 3.3)."""
+    negative = sorted(n for n, v in traces.items() if v < 0)
+    if negative:
+        log.warning("Hutchinson: %d layers have a negative trace estimate, clipped to 0: %s", len(negative),
+                    ", ".join(f"{n} ({traces[n]:.3g})" for n in negative))
+    return {n: max(v, 0.0) for n, v in traces.items()}
+
+
 def hutchinson_traces(model, loader, objective, num_batches=None, probes=2, seed=0, progress=True):
-    """{layer: tr(H_l)} by Hutchinson's estimator E[v^T H v] with Rademacher v, through the
-    quantizers' straight-through estimator (double backward; the "hessian" baseline)."""
+    """{layer: tr(H_l)} per image by Hutchinson's estimator E[v^T H v] with Rademacher v, through
+    the quantizers' straight-through estimator (double backward; the "hessian" baseline).
+
+    Probes are drawn on the weights' device, seeded by ``seed`` and the process's rank; under
+    torchrun the per-layer sums and image counts are all-reduced as the Fisher's are, so every
+    process returns the estimate over all images. Negative estimates are clipped to 0
+    (clip_negative_traces)."""
     weights = {n: w for n, (w, _) in quantized_weights(model).items()}
-    gen = torch.Generator().manual_seed(seed)
-    sums, count = dict.fromkeys(weights, 0.0), 0
+    params = list(weights.values())
+    device = params[0].device
+    gen = torch.Generator(device=device).manual_seed(seed + 1_000_003 * rank())
+    sums = torch.zeros(len(params), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    was_training = model.training
     model.eval()
     for images, mask, targets in tqdm(_batches(loader, num_batches), total=num_batches, desc="hutchinson",
                                       disable=not progress, leave=False):
         with fk.differentiable():
-            loss = objective(model((images, mask)), targets).sum()
-            grads = torch.autograd.grad(loss, list(weights.values()), create_graph=True)
-        for _ in range(probes):
-            vs = [torch.randint(0, 2, g.shape, generator=gen).float() * 2 - 1 for g in grads]
-            hvs = torch.autograd.grad(grads, list(weights.values()), vs, retain_graph=True)
-            for name, v, hv in zip(weights, vs, hvs):
-                sums[name] += float((v * hv).sum()) / probes
+            sums += _hutchinson_batch(params, objective(model((images, mask)), targets).sum(), probes, gen)
         count += len(targets)
-    return {n: s / max(count, 1) for n, s in sums.items()}
+    all_reduce_sum(sums)
+    all_reduce_sum(count)
+    model.train(was_training)
+    return clip_negative_traces(dict(zip(weights, (sums / count.clamp(min=1)).tolist())))
