@@ -2,9 +2,11 @@
 
     L_QAT = L_all(Q(W)) + lambda * R,   R = tr(F_crit) over the quantized weights
 
-Estimators of R:
-    "batch":      R = || grad_W L_crit(batch) ||^2
-    "per-sample": R = 1/B sum_n || grad_W l_crit,n ||^2   (B extra backward passes)
+Estimators of R (docs/METHOD.md section 4.2, where the measurement that chose the default is):
+    "per-sample" (default): R = 1/B sum_n || grad_W l_crit,n ||^2, the Fisher trace of the batch
+                            (B backward passes with a graph, then one double backward)
+    "batch":                R = || grad_W sum_n l_crit,n ||^2 (one pass; cross terms between
+                            images included, so not a Fisher trace)
 Gradient of R (a Hessian-vector product, dR/dW = 2 H g):
     "exact":             double backward (create_graph=True) through the quantizers,
                          which run as twice-differentiable compositions (fk.differentiable)
@@ -29,12 +31,13 @@ class FisherTraceRegularizer:
     """R = tr(F_crit) as a differentiable penalty.
 
     params: the weights R is taken over (e.g. the quantized layers' weights).
+    estimator: "per-sample" (default) or "batch"; method: "exact" (default) or "finite-difference".
     quantizers: optional, for each param its weight Quantizer (or None): where the
         finite-difference step goes (see the module docstring).
     fd_eps: relative step of the finite-difference Hessian-vector product.
     """
 
-    def __init__(self, params, estimator="batch", method="exact", fd_eps=1e-3, quantizers=None):
+    def __init__(self, params, estimator="per-sample", method="exact", fd_eps=1e-3, quantizers=None):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator: expected one of {ESTIMATORS}, got {estimator!r}")
         if method not in METHODS:
@@ -80,6 +83,10 @@ class FisherTraceRegularizer:
         return [torch.autograd.grad(loss, self.params, retain_graph=i < len(losses) - 1)
                 for i, loss in enumerate(losses)]
 
+    def _grad_of_term(self, loss_fn, n):
+        """The gradient of estimator term n alone: one backward pass, not one per term."""
+        return torch.autograd.grad(self._losses(loss_fn)[n], self.params)
+
     @torch.no_grad()
     def _shift(self, direction, step):
         """Moves the weights by step * direction (None: back to where they were)."""
@@ -105,7 +112,7 @@ class FisherTraceRegularizer:
             self._shift(g, step)
             try:
                 with torch.enable_grad():
-                    shifted = self._grads(loss_fn)[n]
+                    shifted = self._grad_of_term(loss_fn, n)
             finally:
                 self._shift(g, None)
             for h, g1, g0 in zip(hvps, shifted, g):

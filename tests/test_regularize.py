@@ -120,3 +120,18 @@ def test_bad_arguments():
         FisherTraceRegularizer([nn.Parameter(torch.ones(1))], method="approx")
     with pytest.raises(ValueError, match="params"):
         FisherTraceRegularizer([torch.ones(1)])
+
+
+def test_default_per_sample_R_is_the_fisher_collectors_trace():
+    """R = 1/B sum_n ||d l_n / dW||^2 over the quantized weights: the sum over layers of the
+    traces the Fisher collector accumulates on the same batch (docs/METHOD.md section 4.2)."""
+    from fqdetr.fisher import FisherCollector
+    model, x, y = _toy(quantized=True)
+    model, x = model.float(), x.float()
+    model(x)
+    with FisherCollector(model) as fc:
+        fc.backward(_loss_fn(model, x, y)("per_image"))
+    weights, quantizers = zip(*quantized_weights(model).values())
+    reg = FisherTraceRegularizer(weights, quantizers=quantizers)
+    assert reg.estimator == "per-sample"
+    assert reg(_loss_fn(model, x, y)).item() == pytest.approx(sum(fc.traces().values()), rel=1e-5)
