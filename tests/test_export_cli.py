@@ -130,10 +130,54 @@ def test_eval_of_a_file_of_no_known_kind_or_a_corrupt_one(root, artifacts, tmp_p
     assert "notes.pth: not a model file fqdetr knows; expected a float or quantized" in err
     corrupt = tmp_path / "model.fqp"
     corrupt.write_bytes(artifacts["packed"].read_bytes()[:5000])
-    assert "model.fqp: not a model file fqdetr knows" in error_of(capsys, ["eval", "--model", str(corrupt), *_data(root)])
+    err = error_of(capsys, ["eval", "--model", str(corrupt), *_data(root)])
+    assert "model.fqp: not a model file fqdetr knows" in err
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(artifacts["onnx"].read_bytes()[:5000])
     assert "broken.onnx: onnxruntime cannot load it" in error_of(capsys, ["eval", "--model", str(broken), *_data(root)])
     assert "--packed: expected a file name ending in .fqp" in error_of(
         capsys, ["ptq", "--model", str(root / "model.pth"), *_data(root), "--out", str(tmp_path / "p"),
                  "--packed", str(tmp_path / "p.pth")])
+
+
+def test_detect_draws_and_writes_coco_results(root, artifacts, tmp_path):
+    from PIL import Image
+
+    from fqdetr.visualize import CRITICAL_COLOUR, OTHER_COLOUR
+
+    images = sorted((root / "data/val").iterdir())[:3]
+    out = tmp_path / "det"
+    assert main(["detect", "--model", str(artifacts["onnx"]), *map(str, images), "--out", str(out),
+                 "--score-threshold", "0", "--critical", "person+dog"]) == 0
+    detections = json.loads((out / "detections.json").read_text())
+    assert sorted({d["image_id"] for d in detections}) == [int(p.stem) for p in images]  # numeric stems
+    assert len(detections) == 3 * 20  # threshold 0: every query of every image
+    categories = json.loads((root / "data/annotations/instances_val.json").read_text())["categories"]
+    critical = {c["id"] for c in categories if c["supercategory"] == "person" or c["name"] == "dog"}
+    for path in images:
+        picture, original = Image.open(out / f"{path.stem}.png"), Image.open(path)
+        assert picture.size == original.size
+        colours = {c for _, c in picture.getcolors(1 << 20)}
+        # the most confident detection is drawn last, on top: its class kind's colour shows
+        top = max((d for d in detections if d["image_id"] == int(path.stem)), key=lambda d: d["score"])
+        assert (CRITICAL_COLOUR if top["category_id"] in critical else OTHER_COLOUR) in colours
+    # names without numbers: positions on the command line, from 1, listed in images.json
+    named = [tmp_path / "first.jpg", tmp_path / "second.png"]
+    for path, source in zip(named, images):
+        Image.open(source).save(path)
+    assert main(["detect", "--model", str(artifacts["packed"]), *map(str, named), "--out", str(tmp_path / "n"),
+                 "--score-threshold", "0.99"]) == 0
+    assert json.loads((tmp_path / "n/images.json").read_text()) == {"1": str(named[0]), "2": str(named[1])}
+    assert all(d["score"] >= 0.99 for d in json.loads((tmp_path / "n/detections.json").read_text()))
+
+
+def test_detect_names_a_bad_image_and_writes_nothing(root, artifacts, tmp_path, capsys):
+    good = sorted((root / "data/val").iterdir())[0]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not a jpeg")
+    out = tmp_path / "det"
+    err = error_of(capsys, ["detect", "--model", str(artifacts["onnx"]), str(good), str(bad), "--out", str(out)])
+    assert f"cannot read image {bad}" in err
+    err = error_of(capsys, ["detect", "--model", str(artifacts["onnx"]), str(tmp_path / "gone.jpg"), "--out", str(out)])
+    assert f"image file not found: {tmp_path / 'gone.jpg'}" in err
+    assert not out.exists()

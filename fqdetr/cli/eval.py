@@ -46,12 +46,13 @@ def parse_critical(text):
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def _geometry(args, metadata):
-    """(image size, canvas) of the model: --image-size, else the one its metadata records (else
-    128); the canvas it records, else the longest side of a resized image (max_size_for)."""
+def model_geometry(image_size, metadata):
+    """(image size, canvas) of a model: ``image_size`` when given, else the one its metadata
+    records (else 128); the canvas it records, else the longest side of a resized image
+    (max_size_for)."""
     from fqdetr.data import max_size_for
 
-    image_size = int(args.image_size or metadata.get("image_size") or 128)
+    image_size = int(image_size or metadata.get("image_size") or 128)
     return image_size, int(metadata.get("canvas") or max_size_for(image_size))
 
 
@@ -68,7 +69,7 @@ def _evaluate_checkpoint(args):
     from fqdetr.io import write_json
 
     artifact = load_artifact(args.model)
-    image_size, canvas = _geometry(args, artifact.metadata)
+    image_size, canvas = model_geometry(args.image_size, artifact.metadata)
     log.info("%s model %s at image size %d on a %d px canvas", artifact.kind, args.model, image_size, canvas)
     val = load_datasets(args.data, image_size, class_names=class_names_of(artifact.metadata))["val"]
     _check_classes(args, artifact, val)

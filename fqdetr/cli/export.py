@@ -71,7 +71,8 @@ def run(args):
     if not args.out.endswith(".onnx"):
         raise ValueError(f"--out: expected a file name ending in .onnx (how fqdetr eval recognises it), got {args.out}")
     if args.quantized and args.allocation:
-        raise ValueError("--quantized: give either a quantized checkpoint or an --allocation to quantize with, not both")
+        raise ValueError("--quantized: give either a quantized checkpoint or an --allocation to quantize with, "
+                         "not both")
     metadata = float_metadata(args.model, args.image_size)
     qmodel = _loaded(args) if args.quantized else _calibrated(args, metadata)
     canvas = metadata["canvas"]

@@ -30,9 +30,8 @@ from torch import nn
 
 from fqdetr.export.onnx_graph import lower_weight_markers, weight_type
 from fqdetr.export.onnx_qdq import MARKER_DOMAIN, qdq_forward
-from fqdetr.engine.family import DEFORMABLE, DETR
+from fqdetr.engine.family import family_of
 from fqdetr.io import atomic_write
-from fqdetr.models import DeformableDETR
 from fqdetr.quant import quantized_weights
 
 MIN_OPSET, MAX_OPSET = 16, 21  # grid_sample (Deformable DETR) needs 16; int4 weights 21
@@ -82,14 +81,14 @@ def _traced(model, example, opset, dynamic_size, folder):
     return onnx.load(raw), weights
 
 
-def export_onnx(model, path, *, opset=21, example_size=(128, 128), dynamic_size=None, metadata=None):
+def export_onnx(model, path, *, opset=21, example_size=(128, 128), dynamic_size=True, metadata=None):
     """Writes the quantized ``model`` as ONNX to ``path`` (atomically: nothing is left at
     ``path`` when anything fails); returns the path.
 
     opset: 16..21; weights of 2..4 bits need 21. example_size: (H, W) of the example image
-    traced. dynamic_size: batch and image size both dynamic (default for DETR); Deformable
-    DETR's sampling reads its feature-map sizes as Python numbers, so its default is a
-    dynamic batch at the example size only. metadata: a JSON-serialisable dict (image size,
+    traced. dynamic_size: batch and image size both dynamic (default), else the batch only
+    (Deformable DETR's feature-map sizes are traced values while exported: fqdetr.models.
+    deformable keeps them out of Python ints then). metadata: a JSON-serialisable dict (image size,
     canvas, categories: fqdetr.export.artifact.METADATA_KEYS) stored, with the detector's
     family, as the model's metadata_props entry METADATA_KEY (OnnxDetector.metadata).
     Raises ValueError naming the layer for an uncalibrated quantizer, a quantized layer
@@ -98,8 +97,6 @@ def export_onnx(model, path, *, opset=21, example_size=(128, 128), dynamic_size=
     _check_arguments(opset, example_size)
     for layer, (_, quantizer) in quantized_weights(model).items():
         weight_type(quantizer.bits, opset, layer)  # before the tracing: raises for bits the opset lacks
-    if dynamic_size is None:
-        dynamic_size = not isinstance(model, DeformableDETR)
     device = next(model.parameters()).device
     images = torch.rand(1, 3, *example_size, device=device)
     mask = torch.zeros(1, *example_size, dtype=torch.bool, device=device)
@@ -112,6 +109,6 @@ def export_onnx(model, path, *, opset=21, example_size=(128, 128), dynamic_size=
             module.training = training
     lower_weight_markers(proto, weights, opset)
     # the family picks the post-processing (DETR's softmax, Deformable DETR's sigmoids)
-    family = DEFORMABLE if isinstance(model, DeformableDETR) else DETR
-    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps({**(metadata or {}), "family": family})})
+    stored = {**(metadata or {}), "family": family_of(model).name}
+    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(stored)})
     return atomic_write(path, lambda f: f.write(proto.SerializeToString()))

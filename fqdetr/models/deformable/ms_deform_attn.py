@@ -20,7 +20,10 @@ SpatialShapes = Sequence[Tuple[int, int]]
 
 
 def check_spatial_shapes(spatial_shapes: SpatialShapes, length: int) -> List[Tuple[int, int]]:
-    """[(H_l, W_l)] as Python ints; ValueError unless sum H_l * W_l == length."""
+    """[(H_l, W_l)] as Python ints; ValueError unless sum H_l * W_l == length. While traced
+    (ONNX export), the sizes stay the traced values, so the graph takes any image size."""
+    if torch.jit.is_tracing():
+        return list(spatial_shapes)
     shapes = [(int(h), int(w)) for h, w in spatial_shapes]
     if sum(h * w for h, w in shapes) != length:
         raise ValueError(f"spatial_shapes {shapes} cover {sum(h * w for h, w in shapes)} positions, "
@@ -97,7 +100,9 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(n, lq, self.n_heads, self.n_levels, self.n_points, 2)
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: divide by (W_l, H_l)
-            size = torch.tensor([(w, h) for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
+            # stacked, not torch.tensor(...): traced sizes (ONNX export) must stay inputs of the graph
+            size = torch.stack([torch.stack([torch.as_tensor(w), torch.as_tensor(h)]) for h, w in spatial_shapes])
+            size = size.to(device=query.device, dtype=query.dtype)
             return reference_points[:, :, None, :, None, :] + offsets / size[None, None, None, :, None, :]
         if reference_points.shape[-1] == 4:
             # offsets are fractions of the reference box's half size, spread over the points

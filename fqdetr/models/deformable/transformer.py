@@ -102,8 +102,9 @@ def encoder_reference_points(spatial_shapes: SpatialShapes, valid_ratios: Tensor
     """
     points = []
     for level, (h, w) in enumerate(spatial_shapes):
-        ys = torch.linspace(0.5, h - 0.5, h, dtype=valid_ratios.dtype, device=valid_ratios.device)
-        xs = torch.linspace(0.5, w - 0.5, w, dtype=valid_ratios.dtype, device=valid_ratios.device)
+        # arange + 0.5 (= linspace(0.5, h - 0.5, h)) exports with a traced h as a dynamic Range
+        ys = torch.arange(h, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5
+        xs = torch.arange(w, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5
         ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)
         ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * w)
@@ -291,7 +292,7 @@ class DeformableTransformer(nn.Module):
         """
         if not self.two_stage and query_embed is None:
             raise ValueError("query_embed is required unless two_stage")
-        spatial_shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
+        spatial_shapes = [tuple(s.shape[-2:]) for s in srcs]  # traced sizes while exported to ONNX
         src, mask, pos = self._flatten(srcs, masks, pos_embeds)
         valid_ratios = torch.stack([valid_ratios_of(m) for m in masks], 1).to(src.dtype)  # [B, L, 2]
         memory = self.encoder(src, spatial_shapes, valid_ratios, pos, mask)
