@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from fqkernels import _ext, backends, checks, composite, reference
-from fqkernels.util import FunctionPair, owned_output
+from fqkernels.util import FunctionPair, owned_output, traced
 
 
 class _Compiled:
@@ -57,11 +57,14 @@ backends.register("fake_quant", "cpu", _Compiled("cpu"))
 backends.register("fake_quant", "cuda", _Compiled("cuda"))
 
 
-@torch.library.custom_op("fqkernels::fake_quant_forward", mutates_args=())
-def fake_quant_forward_op(x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool, axis: Optional[int],
-                          backend: str) -> torch.Tensor:
+def _forward(x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool, axis: Optional[int],
+             backend: str) -> torch.Tensor:
     """Returns a contiguous tensor shaped like x (whatever x's strides: see util.owned_output)."""
     return owned_output(backends.impl("fake_quant", backend).forward(x, scale, bits, signed, axis))
+
+
+# The ops for torch.compile / export; eager calls run _forward / _backward themselves (util.traced).
+fake_quant_forward_op = torch.library.custom_op("fqkernels::fake_quant_forward", _forward, mutates_args=())
 
 
 @fake_quant_forward_op.register_fake
@@ -69,13 +72,15 @@ def _(x, scale, bits, signed, axis, backend):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("fqkernels::fake_quant_backward", mutates_args=())
-def fake_quant_backward_op(grad_y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool,
-                           axis: Optional[int], grad_factor: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward(grad_y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool,
+              axis: Optional[int], grad_factor: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (grad_x, grad_scale), both contiguous."""
     grad_x, grad_scale = backends.impl("fake_quant", backend).backward(grad_y, x, scale, bits, signed, axis,
                                                                        grad_factor)
     return grad_x.contiguous(), grad_scale.contiguous()
+
+
+fake_quant_backward_op = torch.library.custom_op("fqkernels::fake_quant_backward", _backward, mutates_args=())
 
 
 @fake_quant_backward_op.register_fake
@@ -97,14 +102,15 @@ class FakeQuantFunction(torch.autograd.Function):
     def forward(ctx, x, scale, config):
         ctx.save_for_backward(x, scale)
         ctx.config = config
-        return fake_quant_forward_op(x, scale, config.bits, config.signed, config.axis, config.backend)
+        run = fake_quant_forward_op if traced(x, scale) else _forward
+        return run(x, scale, config.bits, config.signed, config.axis, config.backend)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, scale = ctx.saved_tensors
         c = ctx.config
-        grad_x, grad_scale = fake_quant_backward_op(grad_y, x, scale, c.bits, c.signed, c.axis, c.grad_factor,
-                                                    c.backend)
+        run = fake_quant_backward_op if traced(grad_y, x, scale) else _backward
+        grad_x, grad_scale = run(grad_y, x, scale, c.bits, c.signed, c.axis, c.grad_factor, c.backend)
         return grad_x, grad_scale.reshape(scale.shape), None
 
 

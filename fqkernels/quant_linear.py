@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from fqkernels import _ext, backends, checks, composite, gemm_backends, reference
 from fqkernels.util import (FunctionPair, Lazy, accumulate_fisher, cpu_fake_quant, cpu_ste_backward_, f32,
-                            owned_output)
+                            owned_output, traced)
 
 
 class _Cpu:
@@ -74,14 +74,16 @@ class _Cpu:
             a_scale = f32(a_scale).reshape(1)
             xq = cpu_fake_quant(x2, a_scale, a_bits, a_signed)
         grad_x = torch.mm(g, cpu_fake_quant(w, w_scale, w_bits, True, 0))
-        grad_w = torch.mm(g.t(), xq)
+        if fisher is None:
+            grad_w = torch.mm(g.t(), xq)
+        else:  # the Fisher kernel's pass yields the weight gradient too
+            grad_w = torch.empty(w.shape, dtype=torch.float32)
+            accumulate_fisher(fisher, xq.reshape(x.shape), g.reshape(grad_y.shape), w, w_scale, w_bits, batch_dim,
+                              grad_w)
         grad_a_scale = None
         if a_bits is not None:
             grad_a_scale = cpu_ste_backward_(grad_x, x2, a_scale, a_bits, a_signed, None, a_grad_factor)
         grad_w_scale = cpu_ste_backward_(grad_w, w, w_scale, w_bits, True, 0, w_grad_factor)
-        if fisher is not None:
-            accumulate_fisher(fisher, xq.reshape(x.shape), g.reshape(grad_y.shape), weight, w_scale, w_bits,
-                              batch_dim)
         return (grad_x.reshape(x.shape).to(x.dtype), grad_w.to(weight.dtype), g.sum(0), grad_w_scale,
                 grad_a_scale)
 
@@ -93,13 +95,16 @@ backends.register("quant_linear", "triton", Lazy("fqkernels.triton.quant_gemm", 
 backends.register("quant_linear", "cuda", gemm_backends.QuantLinear(gemm_backends.cuda_quant_gemm))
 
 
-@torch.library.custom_op("fqkernels::quant_linear_forward", mutates_args=())
-def quant_linear_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                            w_scale: torch.Tensor, a_scale: Optional[torch.Tensor], w_bits: int,
-                            a_bits: Optional[int], a_signed: bool, backend: str) -> torch.Tensor:
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             w_scale: torch.Tensor, a_scale: Optional[torch.Tensor], w_bits: int,
+             a_bits: Optional[int], a_signed: bool, backend: str) -> torch.Tensor:
     """x [R, K] -> contiguous [R, M] (callers flatten and restore the leading dims outside)."""
     return owned_output(backends.impl("quant_linear", backend).forward(x, weight, bias, w_scale, a_scale, w_bits,
                                                                        a_bits, a_signed))
+
+
+# The op for torch.compile / export; eager calls run _forward itself (see util.traced).
+quant_linear_forward_op = torch.library.custom_op("fqkernels::quant_linear_forward", _forward, mutates_args=())
 
 
 @quant_linear_forward_op.register_fake
@@ -107,8 +112,7 @@ def _(x, weight, bias, w_scale, a_scale, w_bits, a_bits, a_signed, backend):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-@torch.library.custom_op("fqkernels::quant_linear_backward", mutates_args=("fisher",))
-def quant_linear_backward_op(
+def _backward(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
     a_scale: Optional[torch.Tensor], w_bits: int, a_bits: Optional[int], a_signed: bool,
     w_grad_factor: float, a_grad_factor: float, fisher: Optional[torch.Tensor], batch_dim: int, backend: str,
@@ -121,6 +125,10 @@ def quant_linear_backward_op(
     grad_w_scale = grads[3].reshape(w_scale.shape)
     grad_a_scale = w_scale.new_empty(0, dtype=torch.float32) if a_scale is None else grads[4].reshape(a_scale.shape)
     return tuple(g.contiguous() for g in (*grads[:3], grad_w_scale, grad_a_scale))
+
+
+quant_linear_backward_op = torch.library.custom_op("fqkernels::quant_linear_backward", _backward,
+                                                   mutates_args=("fisher",))
 
 
 @quant_linear_backward_op.register_fake
@@ -150,7 +158,8 @@ class QuantLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, w_scale, a_scale, config, fisher):
         ctx.save_for_backward(x, weight, w_scale, a_scale)
         ctx.config, ctx.fisher, ctx.has_bias = config, fisher, bias is not None
-        return quant_linear_forward_op(reference.rows(x), weight, bias, w_scale, a_scale, config.w_bits,
+        run = quant_linear_forward_op if traced(x, weight) else _forward
+        return run(reference.rows(x), weight, bias, w_scale, a_scale, config.w_bits,
                                        config.a_bits, config.a_signed, config.backend)
 
     @staticmethod
@@ -158,7 +167,8 @@ class QuantLinearFunction(torch.autograd.Function):
         x, weight, w_scale, a_scale = ctx.saved_tensors
         c = ctx.config
         grad_y = grad_y.reshape(*x.shape[:-1], weight.shape[0])  # the Fisher reads samples in x's layout
-        grad_x, grad_w, grad_b, grad_ws, grad_as = quant_linear_backward_op(
+        run = quant_linear_backward_op if traced(grad_y, x, weight) else _backward
+        grad_x, grad_w, grad_b, grad_ws, grad_as = run(
             grad_y, x, weight, w_scale, a_scale, c.w_bits, c.a_bits, c.a_signed, c.w_grad_factor, c.a_grad_factor,
             ctx.fisher, c.fisher_batch_dim, c.backend)
         grad_b = grad_b.to(weight.dtype) if ctx.has_bias else None

@@ -16,7 +16,8 @@ from typing import NamedTuple
 import torch
 
 from fqkernels import backends, checks, composite, gemm_backends, reference
-from fqkernels.util import FunctionPair, Lazy, cpu_fake_quant, cpu_ste_backward_, f32, owned_output
+from fqkernels.util import (FunctionPair, Lazy, cpu_fake_quant, cpu_ste_backward_, f32, owned_output,
+                            traced)
 
 
 class _Cpu:
@@ -49,12 +50,15 @@ backends.register("quant_matmul", "triton", Lazy("fqkernels.triton.quant_gemm", 
 backends.register("quant_matmul", "cuda", gemm_backends.QuantMatmul(gemm_backends.cuda_quant_gemm))
 
 
-@torch.library.custom_op("fqkernels::quant_matmul_forward", mutates_args=())
-def quant_matmul_forward_op(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-                            a_bits: int, b_bits: int, a_signed: bool, b_signed: bool, backend: str) -> torch.Tensor:
+def _forward(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+             a_bits: int, b_bits: int, a_signed: bool, b_signed: bool, backend: str) -> torch.Tensor:
     """Returns a contiguous [*, M, N] tensor (see util.owned_output)."""
     return owned_output(backends.impl("quant_matmul", backend).forward(a, b, a_scale, b_scale, a_bits, b_bits,
                                                                        a_signed, b_signed))
+
+
+# The ops for torch.compile / export; eager calls run _forward / _backward themselves (util.traced).
+quant_matmul_forward_op = torch.library.custom_op("fqkernels::quant_matmul_forward", _forward, mutates_args=())
 
 
 @quant_matmul_forward_op.register_fake
@@ -63,15 +67,17 @@ def _(a, b, a_scale, b_scale, a_bits, b_bits, a_signed, b_signed, backend):
     return a.new_empty((*batch, a.shape[-2], b.shape[-1]))
 
 
-@torch.library.custom_op("fqkernels::quant_matmul_backward", mutates_args=())
-def quant_matmul_backward_op(grad_y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor,
-                             b_scale: torch.Tensor, a_bits: int, b_bits: int, a_signed: bool, b_signed: bool,
-                             a_grad_factor: float, b_grad_factor: float,
-                             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward(grad_y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor,
+              b_scale: torch.Tensor, a_bits: int, b_bits: int, a_signed: bool, b_signed: bool,
+              a_grad_factor: float, b_grad_factor: float,
+              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns contiguous (grad_a, grad_b, grad_a_scale, grad_b_scale)."""
     grads = backends.impl("quant_matmul", backend).backward(grad_y, a, b, a_scale, b_scale, a_bits, b_bits,
                                                             a_signed, b_signed, a_grad_factor, b_grad_factor)
     return tuple(g.contiguous() for g in grads)
+
+
+quant_matmul_backward_op = torch.library.custom_op("fqkernels::quant_matmul_backward", _backward, mutates_args=())
 
 
 @quant_matmul_backward_op.register_fake
@@ -97,13 +103,15 @@ class QuantMatmulFunction(torch.autograd.Function):
         ctx.save_for_backward(a, b, a_scale, b_scale)
         ctx.config = config
         c = config
-        return quant_matmul_forward_op(a, b, a_scale, b_scale, c.a_bits, c.b_bits, c.a_signed, c.b_signed, c.backend)
+        run = quant_matmul_forward_op if traced(a, b) else _forward
+        return run(a, b, a_scale, b_scale, c.a_bits, c.b_bits, c.a_signed, c.b_signed, c.backend)
 
     @staticmethod
     def backward(ctx, grad_y):
         a, b, a_scale, b_scale = ctx.saved_tensors
         c = ctx.config
-        grad_a, grad_b, grad_sa, grad_sb = quant_matmul_backward_op(
+        run = quant_matmul_backward_op if traced(grad_y, a, b) else _backward
+        grad_a, grad_b, grad_sa, grad_sb = run(
             grad_y, a, b, a_scale, b_scale, c.a_bits, c.b_bits, c.a_signed, c.b_signed, c.a_grad_factor,
             c.b_grad_factor, c.backend)
         return grad_a, grad_b, grad_sa.reshape(a_scale.shape), grad_sb.reshape(b_scale.shape), None

@@ -29,6 +29,21 @@ class FunctionPair:
         self.forward, self.backward = forward, backward
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # tensor types with no __torch_dispatch__ of their own
+
+
+def traced(*tensors):
+    """True when an op must go through its torch.library custom op: torch.compile / export or
+    a jit trace is recording, a dispatch or function mode is active (fake tensors, make_fx),
+    functorch transforms are on, or an input is a tensor subclass (a Parameter is none).
+    Otherwise the op modules call the backend directly: the custom op's Python dispatch
+    costs more per call (~0.3 ms for a quant_linear forward + backward, measured) than a
+    small layer's GEMMs."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or bool(torch._C._len_torch_dispatch_stack())
+            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
+            or any(type(t) not in _PLAIN for t in tensors if t is not None))
+
+
 def owned_output(t):
     """``t`` as a custom op's forward output: contiguous (the fake implementations promise
     contiguous outputs, and torch.compile lays out later kernels by them) and not a view
@@ -57,13 +72,19 @@ def cpu_ste_backward_(grad, x, scale, bits, signed, axis, grad_factor):
     return grad_scale
 
 
-def accumulate_fisher(fisher, xq, grad_y, weight, w_scale, w_bits, batch_dim):
+def accumulate_fisher(fisher, xq, grad_y, weight, w_scale, w_bits, batch_dim, grad_weight=None):
     """Fisher hook of the quant_linear backends: fisher += mask_w * sum_n (D_n^T Qa(X_n))^2.
 
     Runs the per_sample_fisher backend the registry picks for these tensors, so the fused
-    Fisher kernels are used as soon as they are registered (fqkernels/fisher.py)."""
-    mask = reference.ste_mask(weight, w_scale, w_bits, True, axis=0)
+    Fisher kernels are used as soon as they are registered (fqkernels/fisher.py).
+    grad_weight: optional [M, K] float32 buffer that receives sum_n D_n^T Qa(X_n) from the
+    same pass (the weight gradient before its STE mask: one GEMM fewer for the caller).
+    The mask is the fake-quant backward of ones (one kernel pass; the reference's ste_mask
+    is five tensor ops, as slow as the layer's GEMM at 128 x 128); 0/1 factors make it
+    bit-identical to the reference's mask * per-sample sum."""
+    quantizer = backends.impl("fake_quant", backends.backend_for("fake_quant", weight))
+    mask = quantizer.backward(torch.ones_like(weight), weight, w_scale, w_bits, True, 0)[0]
     per_sample = torch.empty(fisher.shape, dtype=fisher.dtype, device=fisher.device)
     backends.impl("per_sample_fisher", backends.backend_for("per_sample_fisher", xq)).compute(
-        xq, grad_y, batch_dim, per_sample, None, None, False)
-    fisher += mask * per_sample
+        xq, grad_y, batch_dim, per_sample, grad_weight, None, False)
+    fisher.addcmul_(mask, per_sample)

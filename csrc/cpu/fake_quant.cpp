@@ -27,18 +27,31 @@ FQ_MULTIVERSION void forward_segment(const T* x, T* y, int64_t n, float s, QRang
   for (int64_t i = 0; i < n; ++i) store(y, i, fake_quant_value(load(x, i), s, inv, r));
 }
 
-// Returns sum_i dy_i * d y_i / d s over the segment (float is exact enough for a
-// 16k-element segment; segments are combined in double).
+// One STE element: writes dx[i] and returns dy_i * d y_i / d s.
+template <typename T>
+inline float backward_element(const T* dy, const T* x, T* dx, int64_t i, float s, float inv, QRange r) {
+  const float xi = load(x, i), gi = load(dy, i);
+  const float q = quant_code(xi, inv);
+  store(dx, i, code_in_range(q, r) ? gi : 0.0f);
+  return gi * lsq_scale_grad(xi, q, s, inv, r);
+}
+
+constexpr int kLanes = 16;  // independent partial sums: one AVX-512 register of floats
+
+// Returns sum_i dy_i * d y_i / d s over the segment. A single running float sum cannot be
+// vectorised without reassociation (the compiler must keep its order, which made this
+// loop 10x slower than the forward); kLanes independent sums, added at the end, can.
+// Float is exact enough for a 16k-element segment; segments are combined in double.
 template <typename T>
 FQ_MULTIVERSION float backward_segment(const T* dy, const T* x, T* dx, int64_t n, float s, QRange r) {
   const float inv = inv_scale(s);
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lanes[j] += backward_element(dy, x, dx, i + j, s, inv, r);
   float acc = 0.0f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float xi = load(x, i), gi = load(dy, i);
-    const float q = quant_code(xi, inv);
-    store(dx, i, code_in_range(q, r) ? gi : 0.0f);
-    acc += gi * lsq_scale_grad(xi, q, s, inv, r);
-  }
+  for (; i < n; ++i) acc += backward_element(dy, x, dx, i, s, inv, r);
+  for (int j = 0; j < kLanes; ++j) acc += lanes[j];
   return acc;
 }
 
