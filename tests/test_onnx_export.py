@@ -179,13 +179,15 @@ SHIPPED = Path(__file__).resolve().parent.parent / "models" / "detr_tiny_builtin
 
 @pytest.mark.slow
 def test_shipped_model_map_matches_through_onnxruntime(tmp_path):
-    """mAP of the W4A8 shipped model on 16 generated val images: onnxruntime against torch.
+    """mAP of the W4A8 shipped model on 120 generated val images: onnxruntime within 0.2 AP
+    point (0.002) of torch, the issue's target.
 
-    The tolerance is the fake-quant model's own noise floor, not a bound on the export: here
-    (measured) torch alone moves from AP 0.357 / AP50 0.670 to 0.346 / 0.706 when the pixels
-    get noise of 1e-6, because values within float rounding of a code boundary switch codes;
-    onnxruntime (x / s where torch computes x * (1 / s)) gave AP 0.355 / AP50 0.710."""
-    make_builtin_dataset(tmp_path / "data", num_train=0, num_val=16, image_size=128, seed=0)
+    Measured (2026-12-05): torch AP 0.3695 / AP50 0.6717, onnxruntime 0.3713 / 0.6720, 0.0018
+    apart. The export is the same arithmetic up to float32 rounding (x / s in QuantizeLinear where
+    torch computes x * (1 / s)); a value within rounding of a code boundary takes the other code,
+    which moves a few detections. On 16 images the same effect was 0.0022, and torch alone moves
+    0.011 there with 1e-6 of pixel noise, so fewer images than this do not resolve the target."""
+    make_builtin_dataset(tmp_path / "data", num_train=0, num_val=120, image_size=128, seed=0)
     size, canvas = checkpoint_geometry(SHIPPED)
     val = CocoDetection(*builtin_paths(tmp_path / "data", "val"),
                         transforms=make_transforms("val", scales=(size,), max_size=max_size_for(size)))
@@ -194,6 +196,6 @@ def test_shipped_model_map_matches_through_onnxruntime(tmp_path):
     export_onnx(qmodel, tmp_path / "shipped.onnx", example_size=(canvas, canvas))
     torch_ap = evaluate_model(qmodel, loader)["result"]["overall"]
     onnx_ap = evaluate_onnx(tmp_path / "shipped.onnx", loader)["result"]["overall"]
-    assert torch_ap["AP"] > 0.25  # a working detector, so that the comparison means something
-    assert abs(onnx_ap["AP"] - torch_ap["AP"]) < 0.01
-    assert abs(onnx_ap["AP50"] - torch_ap["AP50"]) < 0.06
+    assert torch_ap["AP"] > 0.3  # a working detector, so that the comparison means something
+    assert abs(onnx_ap["AP"] - torch_ap["AP"]) < 0.002
+    assert abs(onnx_ap["AP50"] - torch_ap["AP50"]) < 0.002
