@@ -3,7 +3,6 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Any, NamedTuple
 
 # fqdetr.data.layout's BUILTIN and DEFAULT_BUILTIN_DIR, spelt out so that building the parser
 # (--help) imports no torch; tests/test_cli_input.py checks that they agree.
@@ -154,46 +153,13 @@ def read_json_option(path, option):
     return data
 
 
-class Prepared(NamedTuple):
-    """What ``prepare`` sets up for a command; ``canvas``: the model's padding canvas, for any
-    further fqdetr.engine.loader.make_loader."""
-
-    model: Any
-    data: dict
-    loaders: dict
-    criterion: Any
-    objectives: dict
-    S: list
-    sets: dict
-    canvas: int
-
-
 def prepare(args, train_images=400):
-    """A Prepared (model, datasets, loaders {"val", "train"}, criterion, objectives, S, sets,
-    canvas) for a command."""
-    import torch
+    """fqdetr.engine.setup.prepare_run with a command's parsed arguments (--model, --data, --out,
+    --image-size, --batch-size, --eval-images, --critical, and --alpha where it has one)."""
+    from fqdetr.engine.setup import prepare_run
 
-    from fqdetr.data import class_names_of
-    from fqdetr.engine.family import num_classes_of
-    from fqdetr.engine.loader import make_loader
-    from fqdetr.engine.setup import checkpoint_geometry, critical_setup, load_datasets
-    from fqdetr.models import load_detr_checkpoint
-    from fqdetr.models.checkpoint import read_checkpoint
-
-    if not Path(args.model).exists():
-        raise FileNotFoundError(f"--model: {args.model} does not exist")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    model = load_detr_checkpoint(args.model).eval()
-    val_images = args.eval_images
-    image_size, canvas = checkpoint_geometry(args.model, args.image_size)
-    data = load_datasets(args.data, image_size, max(train_images, val_images), val_images,
-                         class_names=class_names_of(read_checkpoint(args.model)))
-    if data["val"].num_classes != num_classes_of(model):
-        raise ValueError(f"--data: {args.data} has {data['val'].num_classes} categories, the model "
-                         f"{args.model} {num_classes_of(model)} classes")
-    train_eval = torch.utils.data.Subset(data["train"], range(min(val_images, len(data["train"]))))
-    loaders = {"val": make_loader(data["val"], args.batch_size, canvas, shuffle=False),
-               "train": make_loader(train_eval, args.batch_size, canvas, shuffle=False)}
-    criterion, objectives, S, sets = critical_setup(model, data["val"], args.critical,
-                                                    alpha=getattr(args, "alpha", 1.0), mode=args.critical_mode)
-    return Prepared(model, data, loaders, criterion, objectives, S, sets, canvas)
+    critical_options = {"alpha": args.alpha} if hasattr(args, "alpha") else {}
+    critical_options["mode"] = args.critical_mode
+    return prepare_run(args.model, args.data, args.out, image_size=args.image_size, batch_size=args.batch_size,
+                       eval_images=args.eval_images, critical=args.critical, train_images=train_images,
+                       **critical_options)

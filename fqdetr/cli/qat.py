@@ -1,5 +1,5 @@
 """``fqdetr qat``: quantization-aware training, optionally Fisher-trace regularised."""
-from fqdetr.cli._common import (add_common, bit_width, non_negative_float, positive_float, positive_int, prepare,
+from fqdetr.cli._common import (add_common, bit_width, non_negative_float, positive_float, positive_int,
                                read_json_option)
 
 
@@ -26,30 +26,15 @@ def add_parser(subparsers):
 
 
 def run(args):
-    from fqdetr.engine import distributed as dist
-    from fqdetr.engine.checkpoint import seed_everything
-    from fqdetr.engine.loader import make_loader
-    from fqdetr.engine.qat import qat, upweighted_criterion
-    from fqdetr.engine.quantize import quantize_detr
-    from fqdetr.engine.setup import evaluate_splits
-    from fqdetr.io import atomic_torch_save, write_json
+    from fqdetr.engine.qat import QatJob, run_qat_job
 
-    dist.init_distributed()
-    seed_everything(args.seed)
-    model, data, loaders, criterion, objectives, S, sets, canvas = prepare(args)
     allocation = read_json_option(args.allocation, "--allocation") if args.allocation else None
-    qmodel = quantize_detr(model, allocation=allocation, w_bits=args.w_bits, calib_loader=loaders["train"])
-    if args.upweight != 1.0:
-        criterion = upweighted_criterion(criterion, S, args.upweight)
-    # Under torchrun each process trains on its shard; gradients are averaged every step.
-    train_loader = make_loader(data["train"], args.batch_size, canvas, shuffle=True, seed=args.seed, shard=True)
-    history = qat(qmodel, criterion, train_loader, args.steps, lr=args.lr, critical_objective=objectives["critical"],
-                  reg_lambda=args.reg_lambda, reg_estimator=args.reg_estimator, reg_method=args.reg_method,
-                  progress=dist.is_main())
-    if dist.is_main():
-        atomic_torch_save(qmodel.state_dict(), f"{args.out}/qat_state.pt")
-        result = {"history": history, "eval": evaluate_splits(qmodel, loaders, sets), "processes": dist.world_size(),
-                  "args": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"}}
-        print(f"val mAP {result['eval']['val']['mAP']}; wrote {write_json(result, f'{args.out}/qat.json')}")
-    dist.cleanup()
+    result = run_qat_job(QatJob(
+        model=args.model, data=args.data, out=args.out, allocation=allocation, allocation_path=args.allocation,
+        w_bits=args.w_bits, steps=args.steps, lr=args.lr, reg_lambda=args.reg_lambda,
+        reg_estimator=args.reg_estimator, reg_method=args.reg_method, upweight=args.upweight, seed=args.seed,
+        image_size=args.image_size, batch_size=args.batch_size, eval_images=args.eval_images,
+        critical=args.critical))
+    if result is not None:  # rank 0
+        print(f"val mAP {result['eval']['val']['mAP']}; wrote {args.out}/qat.json")
     return 0

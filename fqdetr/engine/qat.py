@@ -2,12 +2,16 @@
 optionally with the Fisher-trace regulariser on the critical objective or with the
 critical classes' loss up-weighted (the simpler alternative a user tries first)."""
 import copy
+import dataclasses
 import functools
 import logging
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from tqdm import tqdm
 
+from fqdetr.engine import distributed as dist_utils
 from fqdetr.engine.distributed import all_reduce_sum, world_size
 from fqdetr.engine.step import check_finite, optimizer_step
 from fqdetr.models.criterion import weighted_loss
@@ -110,3 +114,73 @@ def qat(model, criterion, loader, steps, lr=5e-5, critical_objective=None, reg_l
         history.append(record)
     model.eval()
     return history
+
+
+@dataclass
+class QatJob:
+    """What ``fqdetr qat`` runs.
+
+    model: checkpoint path; data: dataset folder (fqdetr.engine.setup.load_datasets); out: the
+    run folder. allocation: per-layer bits (an allocation.json's object; None: uniform
+    ``w_bits``), allocation_path: where it was read from (recorded only). steps, lr, reg_*: the
+    ``qat`` loop's arguments; upweight != 1: the critical classes' loss weight. image_size,
+    batch_size (per process), eval_images, critical: as fqdetr.engine.setup.prepare_run.
+    """
+
+    model: str
+    data: str
+    out: str
+    allocation: Optional[Mapping[str, Any]] = None
+    allocation_path: Optional[str] = None
+    w_bits: int = 4
+    steps: int = 200
+    lr: float = 5e-5
+    reg_lambda: float = 0.0
+    reg_estimator: str = "batch"
+    reg_method: str = "exact"
+    upweight: float = 1.0
+    seed: int = 0
+    image_size: Optional[int] = None
+    batch_size: int = 8
+    eval_images: int = 200
+    critical: str = "person"
+
+
+def run_qat_job(job: QatJob) -> Optional[Dict[str, Any]]:
+    """Quantizes ``job.model`` (calibrated on the first training images), trains it with ``qat``
+    and, on rank 0, writes OUT/qat_state.pt (the model state) and OUT/qat.json {"history",
+    "eval" (val and train-subset evaluation), "processes", "args" (the job, the allocation as its
+    path)}, and returns that dict (None on the other ranks). Under torchrun each process trains
+    on its shard of the data, gradients averaged every step; the process group is created and
+    destroyed here unless it already exists."""
+    from fqdetr.engine.checkpoint import seed_everything
+    from fqdetr.engine.loader import make_loader
+    from fqdetr.engine.quantize import quantize_detr
+    from fqdetr.engine.setup import evaluate_splits, prepare_run
+    from fqdetr.io import atomic_torch_save, write_json
+
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    dist_utils.init_distributed()
+    try:
+        seed_everything(job.seed)
+        model, data, loaders, criterion, objectives, S, sets, canvas = prepare_run(
+            job.model, job.data, job.out, image_size=job.image_size, batch_size=job.batch_size,
+            eval_images=job.eval_images, critical=job.critical)
+        qmodel = quantize_detr(model, allocation=job.allocation, w_bits=job.w_bits, calib_loader=loaders["train"])
+        if job.upweight != 1.0:
+            criterion = upweighted_criterion(criterion, S, job.upweight)
+        train_loader = make_loader(data["train"], job.batch_size, canvas, shuffle=True, seed=job.seed, shard=True)
+        history = qat(qmodel, criterion, train_loader, job.steps, lr=job.lr, critical_objective=objectives["critical"],
+                      reg_lambda=job.reg_lambda, reg_estimator=job.reg_estimator, reg_method=job.reg_method,
+                      progress=dist_utils.is_main())
+        if not dist_utils.is_main():
+            return None
+        atomic_torch_save(qmodel.state_dict(), f"{job.out}/qat_state.pt")
+        recorded = dict(dataclasses.asdict(job), allocation=job.allocation_path)
+        result = {"history": history, "eval": evaluate_splits(qmodel, loaders, sets),
+                  "processes": world_size(), "args": recorded}
+        write_json(result, f"{job.out}/qat.json")
+        return result
+    finally:
+        if owns_group:
+            dist_utils.cleanup()

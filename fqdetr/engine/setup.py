@@ -1,5 +1,7 @@
 """Shared set-up of the method's runs: data, criterion and objectives, evaluation."""
 import logging
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from fqdetr.critical import category_sets, criterion_like
 from fqdetr.data import CocoDetection, make_transforms, max_size_for, resolve_dataset, train_scales
@@ -65,3 +67,49 @@ def evaluate_splits(model, loaders, sets):
                       "critical": {k: v["AP"] for k, v in r["critical"].items()},
                       "per_category": {k: v["AP"] for k, v in r["per_category"].items()}}
     return out
+
+
+class Prepared(NamedTuple):
+    """What ``prepare_run`` sets up for a method command (fisher, ptq, qat); ``canvas``: the
+    model's padding canvas, for any further fqdetr.engine.loader.make_loader."""
+
+    model: Any
+    data: dict
+    loaders: dict
+    criterion: Any
+    objectives: dict
+    S: list
+    sets: dict
+    canvas: int
+
+
+def prepare_run(model_path, data_dir, out_dir, image_size=None, batch_size=8, eval_images=200, critical="person",
+                train_images=400, **critical_options):
+    """A Prepared for a run of the checkpoint ``model_path`` on the dataset ``data_dir``
+    (load_datasets; ``train_images`` generated when built-in and missing): the model in eval
+    mode, datasets, evaluation loaders {"val": the whole val split, "train": its first
+    ``eval_images`` images}, criterion, objectives, S, sets (critical_setup, with
+    ``critical_options``: alpha, mode, normalizer) and canvas. Creates ``out_dir``. Errors name the command-line options (--model, --data)."""
+    import torch
+
+    from fqdetr.data import class_names_of
+    from fqdetr.engine.family import num_classes_of
+    from fqdetr.engine.loader import make_loader
+    from fqdetr.models import load_detr_checkpoint
+    from fqdetr.models.checkpoint import read_checkpoint
+
+    if not Path(model_path).exists():
+        raise FileNotFoundError(f"--model: {model_path} does not exist")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    model = load_detr_checkpoint(model_path).eval()
+    image_size, canvas = checkpoint_geometry(model_path, image_size)
+    data = load_datasets(data_dir, image_size, max(train_images, eval_images), eval_images,
+                         class_names=class_names_of(read_checkpoint(model_path)))
+    if data["val"].num_classes != num_classes_of(model):
+        raise ValueError(f"--data: {data_dir} has {data['val'].num_classes} categories, the model "
+                         f"{model_path} {num_classes_of(model)} classes")
+    train_eval = torch.utils.data.Subset(data["train"], range(min(eval_images, len(data["train"]))))
+    loaders = {"val": make_loader(data["val"], batch_size, canvas, shuffle=False),
+               "train": make_loader(train_eval, batch_size, canvas, shuffle=False)}
+    criterion, objectives, S, sets = critical_setup(model, data["val"], critical, **critical_options)
+    return Prepared(model, data, loaders, criterion, objectives, S, sets, canvas)
