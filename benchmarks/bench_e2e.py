@@ -13,10 +13,13 @@ method's time over the float floor's time in the same round; medians over rounds
   forward      float | ours fake quant (no grad: cached weight codes) | ours inference mode
                (integer linears and oneDNN int8 convolutions) | reference | torch.ao
 
-Cases: the shipped tiny DETR at batch 4 (160x213) and, with --cases tiny r50 (FQ_BENCH_R50=1
-under pytest), DETR-R50 with random weights at batch 2, 512x672.
+Cases: the shipped tiny DETR at batch 4 (images 160 rows high on its 200x200 canvas), the tiny
+Deformable DETR likewise (models/deformable_tiny_builtin.pth, or --deformable-weights, else the
+preset with random weights) and, with random weights at batch 2, 512x672, DETR-R50 and
+Deformable R50 (FQ_BENCH_R50=1 adds them under pytest). --quick runs every case and ends with
+the issue's table (every target: the ratio, met or missed).
 
-Run:  python benchmarks/bench_e2e.py --quick [--cases tiny r50] [--threads 1] [--profile]
+Run:  python benchmarks/bench_e2e.py --quick [--cases tiny r50 ...] [--threads 1] [--profile]
       .venv/bin/python -m pytest benchmarks/bench_e2e.py          (pytest-benchmark)
 Results: benchmarks/RESULTS.md, "Whole model".
 """
@@ -36,7 +39,8 @@ import torch.nn.functional as F
 
 import fqkernels as fk
 from fqdetr.fisher import FisherCollector
-from fqdetr.models import build_criterion, build_detr, load_detr_checkpoint, weighted_loss
+from fqdetr.engine.family import criterion_for, num_classes_of
+from fqdetr.models import build_deformable_detr, build_detr, load_detr_checkpoint, weighted_loss
 from fqdetr.quant import QuantConfig, calibrate, quantize_model
 from fqdetr.quant import attention as quant_attention
 from fqdetr.quant import inference as quant_inference
@@ -45,40 +49,60 @@ from fqdetr.quant import quantizer as quant_quantizer
 from fqdetr.sensitivity import batch_dims_of, per_image
 from fqkernels import reference
 
-SHIPPED = Path(__file__).resolve().parent.parent / "fqdetr" / "shipped_models" / "detr_tiny_builtin.pth"
-CASES = {  # name: (batch, height, width)
-    "tiny DETR B=4": (4, 160, 213),
-    "DETR-R50 B=2": (2, 512, 672),
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "models" / "detr_tiny_builtin.pth"
+SHIPPED_DEFORMABLE = ROOT / "models" / "deformable_tiny_builtin.pth"
+CASES = {  # name: (model, batch, canvas height, canvas width, image rows inside the canvas)
+    "tiny DETR B=4": ("detr_tiny", 4, 200, 200, 160),
+    "DETR-R50 B=2": ("r50", 2, 512, 672, 512),
+    "tiny Deformable DETR B=4": ("deformable_tiny", 4, 200, 200, 160),
+    "Deformable R50 B=2": ("deformable_r50", 2, 512, 672, 512),
 }
-CASE_OPTIONS = {"tiny": "tiny DETR B=4", "r50": "DETR-R50 B=2"}
+CASE_OPTIONS = {"tiny": "tiny DETR B=4", "r50": "DETR-R50 B=2", "deformable_tiny": "tiny Deformable DETR B=4",
+                "deformable_r50": "Deformable R50 B=2"}
 MEASURES = {
     "train step": ("float", "ours", "reference", "torch.ao"),
     "fisher": ("float", "ours fused", "per-image loop"),
     "forward": ("float", "ours fake quant", "ours inference", "reference", "torch.ao"),
 }
+# --quick: the methods the issue's targets name (the reference backend is no target; the
+# per-image loop is one for the tiny models only), so that every case fits one short run.
+QUICK_SKIP = {"tiny": ("reference",), "r50": ("reference", "per-image loop")}
 
 
-def build_case(case, device="cpu", seed=0):
+def build_model(kind, deformable_weights=None):
+    """(float detector in eval mode, its real classes) of one case's model kind."""
+    if kind == "detr_tiny":
+        return load_detr_checkpoint(SHIPPED), 16
+    if kind == "r50":
+        return build_detr("r50", num_classes=91, dropout=0.0), 91
+    if kind == "deformable_tiny":
+        weights = deformable_weights or (SHIPPED_DEFORMABLE if SHIPPED_DEFORMABLE.exists() else None)
+        if weights is None:  # the preset's shape with random weights: timings only
+            return build_deformable_detr("deformable_tiny", num_classes=16, dropout=0.0), 16
+        model = load_detr_checkpoint(weights)
+        return model, num_classes_of(model)
+    return build_deformable_detr("deformable_r50", num_classes=91, dropout=0.0), 91
+
+
+def build_case(case, device="cpu", seed=0, deformable_weights=None):
     """{float, quant, criterion, images, mask, targets} of one case on ``device``; the quantized
     model is W4A8, activations calibrated on the batch itself, both models in eval mode (frozen
-    BatchNorm)."""
+    BatchNorm). Images fill the top ``rows`` of a fixed canvas (the padding is masked), as the
+    shipped models' data pipeline lays them out."""
     torch.manual_seed(seed)
-    batch, h, w = CASES[case]
-    if case.startswith("tiny"):
-        model, classes = load_detr_checkpoint(SHIPPED), 16
-    else:
-        model, classes = build_detr("r50", num_classes=91, dropout=0.0), 91
+    kind, batch, h, w, rows = CASES[case]
+    model, classes = build_model(kind, deformable_weights)
     model.eval().to(device)
     images = torch.randn(batch, 3, h, w, device=device)
     mask = torch.zeros(batch, h, w, dtype=torch.bool, device=device)
+    images[:, :, rows:], mask[:, rows:] = 0.0, True
     targets = [{"labels": torch.randint(0, classes, (3,), device=device),
                 "boxes": torch.rand(3, 4, device=device) * 0.4 + 0.3} for _ in range(batch)]
     quant = quantize_model(model, QuantConfig(w_bits=4, a_bits=8))
     calibrate(quant, [(images, mask)], progress=False)
-    criterion = build_criterion(classes, dec_layers=len(model.transformer.decoder.layers),
-                                aux_loss=model.aux_loss).to(device)
-    return {"float": model, "quant": quant, "criterion": criterion, "images": images, "mask": mask,
-            "targets": targets}
+    return {"float": model, "quant": quant, "criterion": criterion_for(model).to(device), "images": images,
+            "mask": mask, "targets": targets}
 
 
 def _ao_fake_quant(x, scale, bits, signed=True, axis=None, grad_factor=1.0, backend=None):
@@ -88,6 +112,12 @@ def _ao_fake_quant(x, scale, bits, signed=True, axis=None, grad_factor=1.0, back
         return torch._fake_quantize_learnable_per_tensor_affine(x, scale.reshape(1), zero, qmin, qmax, grad_factor)
     return torch._fake_quantize_learnable_per_channel_affine(x, scale.reshape(-1), zero, axis, qmin, qmax,
                                                              grad_factor)
+
+
+def _ao_quant_matmul(a, b, a_scale, b_scale, a_bits=8, b_bits=8, a_signed=True, b_signed=True, a_grad_factor=1.0,
+                     b_grad_factor=1.0, backend=None):
+    return torch.matmul(_ao_fake_quant(a, a_scale, a_bits, a_signed, None, a_grad_factor),
+                        _ao_fake_quant(b, b_scale, b_bits, b_signed, None, b_grad_factor))
 
 
 def _ao_quant_linear(x, weight, bias=None, w_scale=None, a_scale=None, w_bits=4, a_bits=8, a_signed=True,
@@ -100,9 +130,10 @@ def _ao_quant_linear(x, weight, bias=None, w_scale=None, a_scale=None, w_bits=4,
 @contextlib.contextmanager
 def torch_ao_ops():
     """Our quantized modules with torch's learnable fake-quant ops in place of fqkernels'
-    (fake_quant, quant_linear); everything else unchanged."""
+    (fake_quant, quant_linear, quant_matmul: the same layers at the same bits); everything else
+    unchanged."""
     shim = types.SimpleNamespace(**{k: getattr(fk, k) for k in dir(fk) if not k.startswith("__")})
-    shim.fake_quant, shim.quant_linear = _ao_fake_quant, _ao_quant_linear
+    shim.fake_quant, shim.quant_linear, shim.quant_matmul = _ao_fake_quant, _ao_quant_linear, _ao_quant_matmul
     with contextlib.ExitStack() as stack:
         for module in (quant_modules, quant_quantizer, quant_attention):
             stack.enter_context(mock.patch.object(module, "fk", shim))
@@ -187,20 +218,27 @@ def forward_runner(model, context=contextlib.nullcontext, integer=False):
     return run
 
 
-def runners(c, measure):
-    """{method: zero-argument callable} of one measure, the float floor first."""
+def size_of(case):
+    """'tiny' or 'r50': which column of the issue's targets a case answers to."""
+    return "tiny" if CASES[case][0] in ("detr_tiny", "deformable_tiny") else "r50"
+
+
+def runners(c, measure, skip=()):
+    """{method: zero-argument callable} of one measure, the float floor first, less ``skip``."""
     q = c["quant"]
     if measure == "train step":
-        return {"float": train_step_runner(c, c["float"]), "ours": train_step_runner(c, q),
+        runs = {"float": train_step_runner(c, c["float"]), "ours": train_step_runner(c, q),
                 "reference": train_step_runner(c, q, reference_backend),
                 "torch.ao": train_step_runner(c, q, torch_ao_ops)}
-    if measure == "fisher":
-        return {"float": float_step_runner(c), "ours fused": fused_fisher_runner(c),
+    elif measure == "fisher":
+        runs = {"float": float_step_runner(c), "ours fused": fused_fisher_runner(c),
                 "per-image loop": per_image_loop_runner(c)}
-    forwards = {"float": forward_runner(c["float"]), "ours fake quant": forward_runner(q),
-                "ours inference": forward_runner(q, integer=True),
-                "reference": forward_runner(q, reference_backend), "torch.ao": forward_runner(q, torch_ao_ops)}
-    return {m: functools.partial(f, c) for m, f in forwards.items()}
+    else:
+        forwards = {"float": forward_runner(c["float"]), "ours fake quant": forward_runner(q),
+                    "ours inference": forward_runner(q, integer=True),
+                    "reference": forward_runner(q, reference_backend), "torch.ao": forward_runner(q, torch_ao_ops)}
+        runs = {m: functools.partial(f, c) for m, f in forwards.items()}
+    return {m: run for m, run in runs.items() if m not in skip}
 
 
 def _sync():
@@ -273,12 +311,68 @@ def load_line():
     return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+# The issue's targets: (measure, what) -> {size: (bound, "max" | "min")}; "ours vs torch.ao"
+# and "fused vs loop" are speed-ups (the other method's time over ours), the rest x float.
+TARGETS = {
+    ("train step", "ours"): {"tiny": (1.2, "max"), "r50": (1.1, "max")},
+    ("train step", "ours vs torch.ao"): {"tiny": (1.5, "min"), "r50": (1.5, "min")},
+    ("fisher", "ours fused"): {"tiny": (1.15, "max"), "r50": (1.1, "max")},
+    ("fisher", "fused vs loop"): {"tiny": (1.0, "min")},
+    ("forward", "ours inference"): {"tiny": (1.0, "max"), "r50": (0.6, "max")},
+}
+SPEEDUPS = {"ours vs torch.ao": ("torch.ao", "ours"), "fused vs loop": ("per-image loop", "ours fused")}
+
+
+def summary_cells(case, results):
+    """{column: 'ratio (target: met/missed)'} of one case; results: {measure: ratios}."""
+    cells = {}
+    for (measure, what), bounds in TARGETS.items():
+        ratios = results.get(measure, {})
+        slow, fast = SPEEDUPS.get(what, (what, "float"))
+        if slow not in ratios or fast not in ratios:
+            continue
+        value = ratios[slow] / ratios[fast]
+        bound = bounds.get(size_of(case))
+        verdict = "" if bound is None else (" met" if (value <= bound[0] if bound[1] == "max" else value >= bound[0])
+                                            else f" MISSED ({'<=' if bound[1] == 'max' else '>='} {bound[0]})")
+        cells[f"{measure}: {what}"] = f"{value:.2f}x{verdict}"
+    return cells
+
+
+def print_summary(all_results):
+    """The issue's table: one row per case, the targets' ratios with met / missed."""
+    columns = [f"{m}: {w}" for m, w in TARGETS]
+    print("\n| case | " + " | ".join(columns) + " |\n" + "|---" * (len(columns) + 1) + "|")
+    for case, results in all_results.items():
+        cells = summary_cells(case, results)
+        print(f"| {case} | " + " | ".join(cells.get(c, "") for c in columns) + " |")
+
+
+def run_measure(c, case, measure, rounds, skip, profile):
+    """Interleaved rounds of one measure on a built case; prints and returns the median ratios."""
+    runs = runners(c, measure, skip)
+    times = interleaved(runs, rounds)
+    ratios = median_ratios(times)
+    floor_ms = statistics.median(times["float"]) * 1e3
+    print(f"\n{case}, {measure} (float {floor_ms:.0f} ms median; {load_line()})", flush=True)
+    for m, r in ratios.items():
+        print(f"  {m:>16}: {r:5.2f}x float")
+        if profile:
+            parts = profile_breakdown(runs[m])
+            print("      " + ", ".join(f"{k} {v:.0%}" for k, v in parts.items() if v >= 0.005))
+    return ratios
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="5 rounds per measure (default 9)")
+    parser.add_argument("--quick", action="store_true", help="every case, only the methods the targets name; "
+                        "5 rounds for the tiny models, 2 for the R50 ones (default 9 / 3)")
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--cases", nargs="+", choices=list(CASE_OPTIONS), default=["tiny"],
-                        help="tiny: shipped tiny DETR, batch 4; r50: DETR-R50, batch 2, 512x672")
+    parser.add_argument("--cases", nargs="+", choices=list(CASE_OPTIONS), default=None,
+                        help="tiny: shipped tiny DETR, batch 4; r50: DETR-R50, batch 2, 512x672; deformable_tiny, "
+                        "deformable_r50 likewise (default: all with --quick, else tiny)")
+    parser.add_argument("--deformable-weights", default=None, help="checkpoint for the tiny Deformable DETR "
+                        f"(default {SHIPPED_DEFORMABLE.relative_to(ROOT)} when it exists, else random weights)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (inference mode: integer paths on the CPU "
                         "only, the cached fake-quant path elsewhere)")
@@ -286,29 +380,24 @@ def main(argv=None):
     parser.add_argument("--measures", nargs="+", choices=list(MEASURES), default=list(MEASURES))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rounds = args.rounds or (5 if args.quick else 9)
-    cases = [CASE_OPTIONS[c] for c in args.cases]
-    print(f"torch {torch.__version__}, {args.device}, {args.threads} threads, {rounds} rounds; {load_line()}")
+    cases = [CASE_OPTIONS[c] for c in (args.cases or (list(CASE_OPTIONS) if args.quick else ["tiny"]))]
+    print(f"torch {torch.__version__}, {args.device}, {args.threads} threads; {load_line()}")
+    all_results = {}
     for case in cases:
-        c = build_case(case, args.device)
-        for measure in args.measures:
-            runs = runners(c, measure)
-            times = interleaved(runs, rounds)
-            ratios = median_ratios(times)
-            floor_ms = statistics.median(times["float"]) * 1e3
-            print(f"\n{case}, {measure} (float {floor_ms:.0f} ms median; {load_line()})")
-            for m, r in ratios.items():
-                print(f"  {m:>16}: {r:5.2f}x float")
-                if args.profile:
-                    parts = profile_breakdown(runs[m])
-                    print("      " + ", ".join(f"{k} {v:.0%}" for k, v in parts.items() if v >= 0.005))
+        rounds = args.rounds or {"tiny": (9, 5), "r50": (3, 2)}[size_of(case)][args.quick]
+        skip = QUICK_SKIP[size_of(case)] if args.quick else ()
+        c = build_case(case, args.device, deformable_weights=args.deformable_weights)
+        print(f"\n== {case}: {rounds} rounds", flush=True)
+        all_results[case] = {m: run_measure(c, case, m, rounds, skip, args.profile) for m in args.measures}
+        del c
+    print_summary(all_results)
     return 0
 
 
 # ---- pytest-benchmark ----
 
 def _pytest_cases():
-    return [c for c in CASES if c.startswith("tiny") or os.environ.get("FQ_BENCH_R50") == "1"]
+    return [c for c in CASES if size_of(c) == "tiny" or os.environ.get("FQ_BENCH_R50") == "1"]
 
 
 try:
