@@ -46,7 +46,8 @@ def run(args):
     out = {name: fisher_traces(qmodel, loader, objectives[name]) for name in args.objective}
     if args.hutchinson:
         out["hessian"] = hutchinson_traces(qmodel, loader, objectives["overall"])
-    out["_meta"] = {"images": args.images, "critical": args.critical, "critical_labels": S, "w_bits": args.w_bits,
+    out["_meta"] = {"images": args.images, "critical": args.critical, "critical_mode": args.critical_mode,
+                    "normalizer": "fixed", "critical_labels": S, "w_bits": args.w_bits,
                     "processes": dist.world_size(), "threads": torch.get_num_threads()}
     if dist.is_main():
         print(f"wrote {write_json(out, f'{args.out}/fisher.json')}")
