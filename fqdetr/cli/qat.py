@@ -18,7 +18,8 @@ def add_parser(subparsers):
     p.add_argument("--steps", type=positive_int, default=200, help="training batches (default 200)")
     p.add_argument("--lr", type=positive_float, default=5e-5, help="AdamW learning rate (default 5e-5)")
     p.add_argument("--reg-lambda", type=non_negative_float, default=0.0, help="Fisher-trace regulariser weight (default 0)")
-    p.add_argument("--reg-estimator", default="batch", choices=["batch", "per-sample"])
+    p.add_argument("--reg-estimator", default="per-sample", choices=["per-sample", "batch"],
+                   help="estimator of tr(F_crit) (docs/METHOD.md section 4.2; default per-sample)")
     p.add_argument("--reg-method", default="exact", choices=["exact", "finite-difference"])
     p.add_argument("--upweight", type=positive_float, default=1.0, help="critical classes' CE weight (default 1 = off)")
     p.add_argument("--seed", type=int, default=0, help="random seed")

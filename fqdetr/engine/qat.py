@@ -67,7 +67,7 @@ def _qat_optimizer(model, lr, scale_lr_factor):
 
 
 def qat(model, criterion, loader, steps, lr=5e-5, critical_objective=None, reg_lambda=0.0,
-        reg_estimator="batch", reg_method="exact", clip_max_norm=0.1, scale_lr_factor=0.1, progress=True):
+        reg_estimator="per-sample", reg_method="exact", clip_max_norm=0.1, scale_lr_factor=0.1, progress=True):
     """Trains the quantized ``model`` in place for ``steps`` batches of ``loader``.
 
     critical_objective(outputs, targets) -> per-image critical losses [B]; with reg_lambda > 0
@@ -136,7 +136,7 @@ class QatJob:
     steps: int = 200
     lr: float = 5e-5
     reg_lambda: float = 0.0
-    reg_estimator: str = "batch"
+    reg_estimator: str = "per-sample"
     reg_method: str = "exact"
     upweight: float = 1.0
     seed: int = 0
