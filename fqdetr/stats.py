@@ -92,11 +92,16 @@ def weighted_ap(table, cat_ids, weights=None):
     unknown = [c for c in cat_ids if c not in table.cats]
     if unknown:
         raise ValueError(f"cat_ids: {unknown} were not evaluated (evaluated: {sorted(table.cats)})")
-    per_cat = [q for q in (table.precision(c, weights) for c in cat_ids) if q is not None]
-    if not per_cat:
+    return mean_precision([table.precision(c, weights) for c in cat_ids])
+
+
+def mean_precision(per_category):
+    """AP from the categories' precisions [T, R] (None: undefined, left out, as COCO's -1), or None."""
+    defined = [q for q in per_category if q is not None]
+    if not defined:
         return None
     # summarize(): np.mean(s[s > -1]) of precision[T, R, K]; the same values in the same order
-    return float(np.mean(np.stack(per_cat, axis=-1).ravel()))
+    return float(np.mean(np.stack(defined, axis=-1).ravel()))
 
 
 def bootstrap_weights(num_images, resamples, seed=0):

@@ -1,28 +1,135 @@
-"""Aggregation of the findings over seeds: statistics and verdicts from given numbers."""
-from fqdetr.experiments.findings import render_findings, summarize
+"""The findings study: verdicts from intervals (given numbers), and a tiny end-to-end ``fqdetr reproduce``."""
+import json
 
-METHODS = ["float", "ptq uniform w4a8", "ptq fisher-overall", "ptq fisher-critical", "qat",
-           "qat + fisher-trace reg", "qat + critical up-weighted"]
+import numpy as np
+import pytest
+
+from fqdetr.experiments.findings import RANDOM, summarize
+from fqdetr.experiments.findings_report import render_findings
+from fqdetr.experiments.study import StudyConfig
+
+CFG = StudyConfig(modes=("lse",), bootstrap=50)
+PTQ = ["ptq uniform", "ptq random-0", "ptq random-1", "ptq hessian", "ptq fisher-overall", "ptq fisher-critical-lse"]
+QAT = ["qat", "qat + fisher-trace reg", "qat + critical up-weighted"]
 
 
-def _run(seed, crit_val, crit_train, overall, spearman):
-    methods = {m: {"val": {"mAP": overall[m], "critical": {"person": crit_val[m]}},
-                   "train": {"mAP": overall[m], "critical": {"person": crit_train[m]}}} for m in METHODS}
-    return {"seed": seed, "demo": {"methods": methods}, "finding1": {"spearman": spearman, "pearson": spearman}}
+def _split(ap, rng, spread):
+    samples = (ap + rng.normal(0, spread, CFG.bootstrap)).tolist()
+    return {"mAP": ap, "critical": {"person": ap}, "critical_transformed": {"person": ap},
+            "bootstrap": {"mAP": samples, "person": samples}}
 
 
-def test_verdicts_follow_the_numbers():
-    val = dict(zip(METHODS, [0.5, 0.30, 0.32, 0.36, 0.40, 0.42, 0.41]))
-    train = dict(zip(METHODS, [0.55, 0.33, 0.35, 0.39, 0.50, 0.47, 0.52]))
-    overall = dict(zip(METHODS, [0.5, 0.40, 0.41, 0.405, 0.45, 0.45, 0.44]))
-    runs = [_run(s, val, train, overall, 0.6 + 0.1 * s) for s in range(3)]
-    runs[2]["finding1"]["spearman"] = None  # undefined correlations are left out, not counted as 0
-    s = summarize(runs, "person")
-    assert s["spearman_fisher_vs_drop"]["n"] == 2 and abs(s["spearman_fisher_vs_drop"]["mean"] - 0.65) < 1e-12
-    assert abs(s["critical_gap"]["qat"]["mean"] - 0.1) < 1e-9
-    assert all(s["verdicts"].values())
-    val["qat + fisher-trace reg"] = 0.39  # now below plain QAT: finding 4b must fail
-    assert not summarize([_run(0, val, train, overall, 0.5)], "person")["verdicts"][
-        "4b ... and raises critical val AP over QAT and over up-weighting"]
-    text = render_findings(s, "person", [0, 1, 2])
-    assert "| qat | 45.0 ± 0.0 | 40.0 ± 0.0 | 10.0 ± 0.0 |" in text and "| yes |" in text
+def _run(seed, val, train, spread=0.005):
+    """A run whose arms have critical AP = mAP = val[arm], bootstrap samples around it."""
+    rng = np.random.default_rng(seed)
+    arms = {a: {"val": _split(v, rng, spread)} for a, v in val.items()}
+    for a, v in train.items():
+        arms[a]["train"] = _split(v, rng, spread)
+    rows = [{"fisher_trace": 1.0, "drop": 0.1}]
+    f1 = {"mode": "matched", "w_bits": 3, "per_category": {"spearman": 0.5 + 0.1 * seed, "p_value": 0.01, "n": 16},
+          "per_supercategory": {"spearman": None, "p_value": None, "n": 4, "rows": rows}}
+    return {"seed": seed, "arms": arms, "finding1": f1, "model": "m.pth", "detector": "DETR", "num_params": 1,
+            "num_classes": 16, "traces_from": "the uniform PTQ model", "qat_start": "ptq fisher-critical-lse",
+            "val_images": 500, "fisher_images": 200, "avg_bits_all_layers": 4.05, "seconds": 60.0}
+
+
+def _values(shift=0.0):
+    val = dict(zip(["float"] + PTQ + QAT, [0.5, 0.30, 0.31, 0.33, 0.32, 0.34, 0.40, 0.42, 0.45, 0.41]))
+    train = {"float": 0.55, "ptq fisher-critical-lse": 0.41, "qat": 0.48, "qat + fisher-trace reg": 0.46,
+             "qat + critical up-weighted": 0.47}
+    return {k: v + shift for k, v in val.items()}, train
+
+
+def _verdicts(summary):
+    return {(c["claim"], c["b"]): c["holds"] for c in summary["comparisons"]}
+
+
+def test_verdicts_follow_the_intervals():
+    runs = [_run(s, *_values(0.002 * s)) for s in range(3)]
+    s = summarize(runs, CFG)
+    s["wall_seconds"] = 1.0
+    v = _verdicts(s)
+    assert v[("Fisher-critical (lse) beats uniform on critical AP", "ptq uniform")]
+    assert v[("Fisher-critical (lse) beats random (mean of draws) on critical AP", RANDOM)]
+    assert v[("QAT widens the critical train-val gap", "ptq fisher-critical-lse")]  # gap 0.07 - 0.01
+    assert v[("the Fisher-trace regulariser shrinks the gap", "qat")]  # 0.01 vs 0.07
+    assert v[("the regulariser raises critical val AP over QAT", "qat")]
+    c = next(c for c in s["comparisons"] if c["b"] == RANDOM)
+    assert c["across_seeds"]["diff"] == pytest.approx(0.40 - 0.32)  # the random draws' mean is 0.32
+    assert s["finding1"]["per_category"]["holds"] and not s["finding1"]["per_supercategory"]["holds"]
+    for c in s["comparisons"]:  # every interval contains its point
+        for r in c["per_seed"]:
+            assert r["low"] is None or r["low"] - 1e-12 <= r["diff"] <= r["high"] + 1e-12
+    text = render_findings(s)
+    assert "| ptq fisher-critical-lse | 40.2 [" in text and "| yes |" in text
+    assert "Wall time: 0.0 min for this call (per seed, when run: 1.0, 1.0, 1.0 min)" in text
+
+
+def test_a_difference_inside_the_noise_does_not_hold():
+    val, train = _values()
+    val["ptq fisher-critical-lse"] = 0.305  # 0.5 points over uniform, bootstrap spread 5 points
+    s = summarize([_run(0, val, train, spread=0.05)], CFG)  # one seed: the bootstrap interval decides
+    c = next(c for c in s["comparisons"] if c["b"] == "ptq uniform" and c["metric"] == "critical AP")
+    assert c["per_seed"][0]["low"] < 0 < c["per_seed"][0]["high"] and not c["holds"]
+    val["ptq fisher-critical-lse"] = 0.29  # 1 point below uniform on mAP: 3b fails
+    assert not _verdicts(summarize([_run(0, val, train, spread=0.0)], CFG))[
+        ("Fisher-critical (lse) keeps overall mAP (no more than 1 point below uniform)", "ptq uniform")]
+
+
+def test_study_config_rejects_unknown_modes():
+    with pytest.raises(ValueError, match="modes"):
+        StudyConfig(modes=("lse", "nope"))
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """``fqdetr reproduce`` of a one-layer DETR on 3 val images, 4 Fisher images, 1 seed, 2 QAT steps."""
+    import torch
+
+    from fqdetr.cli import main as cli_main
+    from fqdetr.data import make_builtin_dataset
+    from fqdetr.models import build_detr
+    from fqdetr.models.checkpoint import save_detr_checkpoint
+
+    root = tmp_path_factory.mktemp("reproduce")
+    torch.manual_seed(0)  # a module fixture runs before the autouse per-test seed
+    save_detr_checkpoint(build_detr("tiny", num_classes=16, enc_layers=1, dec_layers=1), root / "model.pth")
+    make_builtin_dataset(root / "data", num_train=16, num_val=4, seed=0)
+    args = ["reproduce", "--out", str(root / "out"), "--model", str(root / "model.pth"), "--data", str(root / "data"),
+            "--seeds", "0", "--eval-images", "3", "--fisher-images", "4", "--qat-steps", "2", "--bootstrap", "20",
+            "--random-draws", "2", "--hutchinson-probes", "1", "--batch-size", "2", "--modes", "lse,matched"]
+    assert cli_main(args) == 0
+    return root / "out", args
+
+
+def test_tiny_reproduce_writes_every_output(tiny_study):
+    out, _ = tiny_study
+    summary, run = (json.loads(p.read_text()) for p in (out / "summary.json", out / "seed0" / "run.json"))
+    assert set(run["arms"]) == {"float", "ptq uniform", "ptq random-0", "ptq random-1", "ptq hessian",
+                                "ptq fisher-overall", "ptq fisher-critical-lse", "ptq fisher-critical-matched",
+                                "qat", "qat + fisher-trace reg", "qat + critical up-weighted"}
+    assert run["val_images"] == 3 and run["fisher_images"] == 4 and "uniform" in run["traces_from"]
+    assert len(run["arms"]["qat"]["val"]["bootstrap"]["person"]) == 20
+    assert "person" in run["arms"]["float"]["val"]["critical_transformed"]
+    assert len(run["allocations"]) == 7  # uniform, 2 random, hessian, overall, 2 critical
+    size = {a: sum(run["sizes"][n] * b for n, b in alloc.items()) for a, alloc in run["allocations"].items()}
+    assert all(s <= size["uniform"] for s in size.values())  # every arm at the same size budget
+    assert summary["wall_seconds"] > 0 and summary["seeds"] == [0]
+    for c in summary["comparisons"]:
+        for r in c["per_seed"]:
+            if r["low"] is not None:  # an interval contains its point estimate
+                assert r["low"] - 1e-12 <= r["diff"] <= r["high"] + 1e-12
+    assert set(summary["finding1"]) == {"per_category", "per_supercategory"}
+    text = (out / "findings.md").read_text()
+    assert "Wall time:" in text and "| finding | claim |" in text and "supercategory" in text
+
+
+def test_tiny_reproduce_resumes_from_its_cache(tiny_study, capsys):
+    from fqdetr.cli import main as cli_main
+
+    out, args = tiny_study
+    before = (out / "seed0" / "run.json").read_text()
+    assert cli_main(args) == 0  # cached: no arm is run again
+    assert (out / "seed0" / "run.json").read_text() == before
+    assert cli_main(args[:-1] + ["lse"]) == 2  # other settings: refused, not mixed in
+    assert "other settings" in capsys.readouterr().err

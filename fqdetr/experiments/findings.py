@@ -1,160 +1,216 @@
-"""Reproduction of docs/METHOD.md section 6, findings 1-4, over several seeds.
+"""The findings study (docs/METHOD.md section 6): every seed's arms (fqdetr.experiments.study),
+each reported difference with its paired bootstrap interval over val images and, across seeds,
+a Student-t interval of the per-seed differences; a finding holds only when its interval
+excludes zero in the claimed direction (the across-seed interval with two or more seeds, the
+bootstrap interval with one).
 
-Each seed runs the demo pipeline (fqdetr.experiments.demo.run_demo) and, for finding 1, the
-per-category sensitivity study: the Fisher trace of each category's critical objective
-against its AP drop under uniform low-bit PTQ. Verdicts are computed from means and
-spreads over seeds; nothing is tuned to make a finding hold.
+Per-seed results are cached in OUT/seed<k>/run.json (an interrupted study resumes; a cache
+written under other settings is an error, not silently mixed in).
 """
 import json
 import logging
-import statistics
+import time
 from pathlib import Path
 
-import torch
-from scipy.stats import pearsonr, spearmanr
+import numpy as np
 
-from fqdetr.io import write_json
-from fqdetr.data import class_names_of
-from fqdetr.engine.checkpoint import seed_everything
-from fqdetr.engine.loader import make_loader
-from fqdetr.engine.quantize import quantize_detr
-from fqdetr.experiments.demo import run_demo
-from fqdetr.engine.setup import checkpoint_geometry, critical_setup, evaluate_splits, load_datasets
-from fqdetr.evaluation import format_ap
-from fqdetr.models import load_detr_checkpoint
-from fqdetr.models.checkpoint import read_checkpoint
-from fqdetr.quant import set_fake_quant
-from fqdetr.sensitivity import fisher_traces
+from fqdetr.experiments.findings_report import render_finding5, render_findings
+from fqdetr.experiments.scaling import finding5
+from fqdetr.experiments.study import StudyConfig, run_seed
+from fqdetr.io import atomic_write_text, write_json
+from fqdetr.stats import paired_interval, seed_interval
 
 log = logging.getLogger(__name__)
 
-
-def sensitivity_vs_drop(model, data, loaders, canvas, w_bits=3, fisher_images=32, batch_size=8):
-    """Finding 1: per category c, sum_l tr(F_l) of the critical objective of {c} on the float
-    model, and AP_c(float) - AP_c(uniform w_bits PTQ) on val (``canvas``: the model's, for the
-    Fisher loader). Returns rows and correlations."""
-    cats = data["val"].coco.loadCats(data["val"].cat_ids)
-    names = [c["name"] for c in cats]
-    fisher_loader = make_loader(torch.utils.data.Subset(data["train"], range(fisher_images)), batch_size,
-                                canvas, shuffle=False)
-    sets = {n: n for n in names}
-    float_ap = evaluate_splits(model, {"val": loaders["val"]}, sets)["val"]["critical"]
-    ptq = quantize_detr(model, w_bits=w_bits, calib_loader=fisher_loader)
-    ptq_ap = evaluate_splits(ptq, {"val": loaders["val"]}, sets)["val"]["critical"]
-    rows = []
-    float_view = set_fake_quant(quantize_detr(model), False)  # quantizer modules, float numbers
-    for name in names:
-        _, objectives, _, _ = critical_setup(model, data["val"], name)
-        traces = fisher_traces(float_view, fisher_loader, objectives["critical"], progress=False)
-        if float_ap[name] is None or ptq_ap[name] is None:
-            continue
-        rows.append({"category": name, "fisher_trace": sum(traces.values()), "float_AP": float_ap[name],
-                     "ptq_AP": ptq_ap[name], "drop": float_ap[name] - ptq_ap[name]})
-    x, y = [r["fisher_trace"] for r in rows], [r["drop"] for r in rows]
-    # A correlation is undefined when either side is constant (e.g. every AP is 0): None.
-    defined = len(rows) > 2 and len(set(x)) > 1 and len(set(y)) > 1
-    return {"rows": rows, "w_bits": w_bits,
-            "spearman": float(spearmanr(x, y).statistic) if defined else None,
-            "pearson": float(pearsonr(x, y).statistic) if defined else None}
+RANDOM = "ptq random (mean of draws)"
 
 
-def _gap(method, critical):
-    tr, va = method["train"]["critical"][critical], method["val"]["critical"][critical]
-    return None if tr is None or va is None else tr - va
+def _metric(record, metric, critical):
+    """(point, bootstrap samples [B] or None) of ``metric`` ("mAP", "critical AP", "gap") in an
+    arm's record {"val", ["train"]}."""
+    val = record["val"]
+    boot = val.get("bootstrap")
+    if metric == "mAP":
+        return val["mAP"], boot and _floats(boot["mAP"])
+    if metric == "critical AP":
+        return val["critical"][critical], boot and _floats(boot[critical])
+    if metric == "critical AP transformed":
+        return val["critical_transformed"][critical], None
+    if metric != "gap":
+        raise ValueError(f"metric: expected mAP, critical AP, critical AP transformed or gap, got {metric!r}")
+    train, tboot = record["train"], record["train"].get("bootstrap")
+    point = None if None in (train["critical"][critical], val["critical"][critical]) else \
+        train["critical"][critical] - val["critical"][critical]
+    return point, boot and tboot and _floats(tboot[critical]) - _floats(boot[critical])
 
 
-def _stats(values):
-    values = [v for v in values if v is not None and v == v]  # drop undefined (None / NaN)
-    if not values:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
+def _floats(values):
+    """Resampled APs as a float array, undefined (None) ones NaN."""
+    return np.array(values, dtype=float)
 
 
-def summarize(runs, critical):
-    """Mean/std over seeds of the quantities each finding is about, and its verdict."""
-    def per_seed(fn):
-        return _stats([fn(r) for r in runs])
-
-    def crit(method, split="val"):
-        return lambda r: r["demo"]["methods"][method][split]["critical"][critical]
-
-    def overall(method):
-        return lambda r: r["demo"]["methods"][method]["val"]["mAP"]
-
-    def gap(method):
-        return lambda r: _gap(r["demo"]["methods"][method], critical)
-
-    m = ["ptq uniform w4a8", "ptq fisher-overall", "ptq fisher-critical", "qat", "qat + fisher-trace reg",
-         "qat + critical up-weighted"]
-    s = {"critical_val_AP": {k: per_seed(crit(k)) for k in ["float"] + m},
-         "overall_val_mAP": {k: per_seed(overall(k)) for k in ["float"] + m},
-         "critical_gap": {k: per_seed(gap(k)) for k in ["float"] + m},
-         "spearman_fisher_vs_drop": per_seed(lambda r: r["finding1"]["spearman"]),
-         "pearson_fisher_vs_drop": per_seed(lambda r: r["finding1"]["pearson"])}
-    mean = lambda table, k: table[k]["mean"]  # noqa: E731
-    ca, gp, ov = s["critical_val_AP"], s["critical_gap"], s["overall_val_mAP"]
-    s["verdicts"] = {
-        "1 sensitivity correlates with Fisher trace": (mean(s, "spearman_fisher_vs_drop") or 0) > 0,
-        "2 QAT widens the critical train-val gap": (mean(gp, "qat") or 0) > (mean(gp, "ptq fisher-critical") or 0),
-        "3 Fisher-critical allocation beats uniform and Fisher-overall on critical AP":
-            (mean(ca, "ptq fisher-critical") or 0) > max(mean(ca, "ptq uniform w4a8") or 0,
-                                                          mean(ca, "ptq fisher-overall") or 0),
-        "3b ... with overall mAP kept (within 1 AP point of uniform)":
-            (mean(ov, "ptq fisher-critical") or 0) >= (mean(ov, "ptq uniform w4a8") or 0) - 0.01,
-        "4 Fisher-trace regularisation shrinks the gap": (mean(gp, "qat + fisher-trace reg") or 0) < (mean(gp, "qat")
-                                                                                                     or 0),
-        "4b ... and raises critical val AP over QAT and over up-weighting":
-            (mean(ca, "qat + fisher-trace reg") or 0) > max(mean(ca, "qat") or 0,
-                                                             mean(ca, "qat + critical up-weighted") or 0),
-    }
-    return s
+def _with_random_mean(arms):
+    """``arms`` plus RANDOM: the mean of the random draws' APs (points and resamples)."""
+    draws = [r for name, r in arms.items() if name.startswith("ptq random-")]
+    if not draws:
+        return arms
+    val = {"mAP": float(np.mean([d["val"]["mAP"] for d in draws]))}
+    for key in ("critical", "critical_transformed"):
+        val[key] = {k: _mean([d["val"][key][k] for d in draws]) for k in draws[0]["val"].get(key, {})}
+    if "bootstrap" in draws[0]["val"]:
+        val["bootstrap"] = {k: np.nanmean([_floats(d["val"]["bootstrap"][k]) for d in draws], axis=0).tolist()
+                            for k in draws[0]["val"]["bootstrap"]}
+    return {**arms, RANDOM: {"val": val}}
 
 
-def reproduce(out_dir, model_path, data_dir, seeds=(0, 1, 2), critical="person", qat_steps=40, fisher_images=48,
-              eval_images=120, **demo_kwargs):
-    """Runs every seed (results cached per seed in OUT/seed<k>/) and writes OUT/summary.json."""
-    out_dir = Path(out_dir)
+def _mean(values):
+    return None if any(v is None for v in values) else float(np.mean(values))
+
+
+def comparisons(cfg):
+    """[(finding, claim, metric, arm a, arm b, direction, margin)]: the claim is a - b > margin
+    (direction +1) or a - b < -margin (direction -1)."""
+    out = []
+    start = f"ptq fisher-critical-{cfg.modes[0]}"
+    for m in cfg.modes:
+        a = f"ptq fisher-critical-{m}"
+        for b in ("ptq uniform", "ptq fisher-overall", RANDOM, "ptq hessian"):
+            out.append(("3", f"Fisher-critical ({m}) beats {b.replace('ptq ', '')} on critical AP",
+                        "critical AP", a, b, 1, 0.0))
+        out.append(("3", f"... on critical AP of the transformed predictions, over uniform ({m})",
+                    "critical AP transformed", a, "ptq uniform", 1, 0.0))
+        out.append(("3b", f"Fisher-critical ({m}) keeps overall mAP (no more than 1 point below uniform)",
+                    "mAP", a, "ptq uniform", 1, -0.01))
+    out += [("context", "random mixed precision beats uniform on critical AP", "critical AP", RANDOM,
+             "ptq uniform", 1, 0.0),
+            ("2", "QAT widens the critical train-val gap", "gap", "qat", start, 1, 0.0),
+            ("4", "the Fisher-trace regulariser shrinks the gap", "gap", "qat + fisher-trace reg", "qat", -1, 0.0),
+            ("4b", "the regulariser raises critical val AP over QAT", "critical AP", "qat + fisher-trace reg",
+             "qat", 1, 0.0),
+            ("4b", "... and over up-weighting", "critical AP", "qat + fisher-trace reg",
+             "qat + critical up-weighted", 1, 0.0)]
+    return out
+
+
+def _holds(interval, direction, margin):
+    if interval["low"] is None:
+        return False
+    return interval["low"] > margin if direction > 0 else interval["high"] < -margin
+
+
+def compare(runs, critical, comparison):
+    """One comparison over the runs: per seed the point difference and its paired bootstrap
+    interval, across seeds the t interval, and the verdict."""
+    finding, claim, metric, a, b, direction, margin = comparison
+    per_seed = []
+    for run in runs:
+        arms = _with_random_mean(run["arms"])
+        (pa, sa), (pb, sb) = _metric(arms[a], metric, critical), _metric(arms[b], metric, critical)
+        if sa is not None and sb is not None:
+            r = paired_interval(sa, sb, pa, pb)
+        else:
+            diff = None if pa is None or pb is None else pa - pb
+            r = {"diff": diff, "low": None, "high": None, "holds": False}
+        per_seed.append({"seed": run["seed"], **r})
+    across = seed_interval([r["diff"] for r in per_seed])
+    decisive = across if len(runs) > 1 else per_seed[0]
+    return {"finding": finding, "claim": claim, "metric": metric, "a": a, "b": b, "direction": direction,
+            "margin": margin, "per_seed": per_seed, "across_seeds": across,
+            "holds": _holds(decisive, direction, margin)}
+
+
+def arm_table(runs, critical):
+    """{arm: {metric: seed_interval of the per-seed values}}."""
+    arms = _with_random_mean(runs[0]["arms"])
+    table = {}
+    for name in arms:
+        row = {}
+        for metric in ("mAP", "critical AP", "critical AP transformed", "gap"):
+            if metric == "gap" and "train" not in arms[name]:
+                continue
+            row[metric] = seed_interval([_metric(_with_random_mean(r["arms"])[name], metric, critical)[0]
+                                         for r in runs])
+        table[name] = row
+    return table
+
+
+def finding1_summary(runs):
+    """Per grouping (category, supercategory): rho across seeds (t interval), the per-seed
+    permutation p-values; holds when rho > 0 is established (the across-seed interval above 0;
+    with one seed, its p < 0.05 and rho > 0)."""
+    out = {}
+    for key in ("per_category", "per_supercategory"):
+        rhos = [r["finding1"][key]["spearman"] for r in runs]
+        ps = [r["finding1"][key]["p_value"] for r in runs]
+        across = seed_interval(rhos)
+        holds = _holds(across, 1, 0.0) if len(runs) > 1 else bool(ps[0] is not None and ps[0] < 0.05 and rhos[0] > 0)
+        out[key] = {"spearman": across, "per_seed_spearman": rhos, "per_seed_p": ps,
+                    "n_groups": runs[0]["finding1"][key]["n"], "holds": holds}
+    return out
+
+
+def summarize(runs, cfg):
+    """The study's summary: arm table, comparisons, finding 1, provenance."""
+    first = runs[0]
+    return {"config": cfg.as_dict(), "seeds": [r["seed"] for r in runs], "model": first["model"],
+            "num_params": first["num_params"], "num_classes": first["num_classes"],
+            "detector": first["detector"], "traces_from": first["traces_from"], "qat_start": first["qat_start"],
+            "val_images": first["val_images"], "fisher_images": first["fisher_images"],
+            "avg_bits_all_layers": first["avg_bits_all_layers"], "finding1_mode": first["finding1"]["mode"],
+            "finding1_bits": first["finding1"]["w_bits"], "seed_seconds": [r["seconds"] for r in runs],
+            "arms": arm_table(runs, cfg.critical),
+            "comparisons": [compare(runs, cfg.critical, c) for c in comparisons(cfg)],
+            "finding1": finding1_summary(runs)}
+
+
+def _cached(path, cfg, model_path):
+    """The cached run at ``path``, or None; ValueError when it was made with other settings."""
+    if not path.exists():
+        return None
+    run = json.loads(path.read_text())
+    if run["config"] != cfg.as_dict() or run["model"] != str(model_path):
+        raise ValueError(f"--out: {path} was written by a study with other settings or another model; "
+                         f"use a fresh --out folder (or delete that file)")
+    return run
+
+
+def reproduce(out_dir, model_path, data_dir, seeds=(0, 1, 2, 3, 4), cfg=None):
+    """Runs (or loads from OUT/seed<k>/run.json) every seed, writes OUT/summary.json and returns
+    the summary; ``wall_seconds`` is this call's wall time (cached seeds cost ~0)."""
+    start, out_dir, cfg = time.time(), Path(out_dir), cfg or StudyConfig()
     runs = []
     for seed in seeds:
-        seed_dir = out_dir / f"seed{seed}"
-        cached = seed_dir / "run.json"
-        if cached.exists():
-            runs.append(json.loads(cached.read_text()))
-            continue
-        demo = run_demo(seed_dir, model_path, data_dir, critical=critical, qat_steps=qat_steps,
-                        fisher_images=fisher_images, eval_images=eval_images, seed=seed, **demo_kwargs)
-        seed_everything(seed)
-        model = load_detr_checkpoint(model_path).eval()
-        image_size, canvas = checkpoint_geometry(model_path)
-        data = load_datasets(data_dir, image_size, max(eval_images, 400), eval_images,
-                             class_names=class_names_of(read_checkpoint(model_path)))
-        loaders = {"val": make_loader(data["val"], 8, canvas, shuffle=False)}
-        offset = torch.utils.data.Subset(data["train"], range(seed * 32, len(data["train"])))
-        f1 = sensitivity_vs_drop(model, {"train": offset, "val": data["val"]}, loaders, canvas)
-        run = {"seed": seed, "demo": demo, "finding1": f1}
-        write_json(run, cached, indent=None)
+        cache = out_dir / f"seed{seed}" / "run.json"
+        run = _cached(cache, cfg, model_path)
+        if run is None:
+            log.info("seed %d: running every arm", seed)
+            run = run_seed(model_path, data_dir, cfg, seed)
+            write_json(run, cache, indent=None)
         runs.append(run)
-    summary = summarize(runs, critical)
+    summary = summarize(runs, cfg)
+    summary["wall_seconds"] = time.time() - start
     write_json(summary, out_dir / "summary.json")
     return summary
 
 
-def _fmt(stat, scale=100.0):
-    if stat["mean"] is None:
-        return "n/a"
-    return f"{format_ap(stat['mean'], scale)} ± {format_ap(stat['std'], scale)}"
-
-
-def render_findings(summary, critical, seeds):
-    """Markdown: the per-method table (mean ± std over seeds) and each finding's verdict."""
-    lines = [f"Critical set: **{critical}**; seeds {list(seeds)}; AP in percent, mean ± std over seeds.", "",
-             "| method | val mAP | critical val AP | critical train-val gap |", "|---|---|---|---|"]
-    for k in summary["critical_val_AP"]:
-        lines.append(f"| {k} | {_fmt(summary['overall_val_mAP'][k])} | {_fmt(summary['critical_val_AP'][k])} | "
-                     f"{_fmt(summary['critical_gap'][k])} |")
-    lines += ["", f"Finding 1: Spearman correlation between a category's critical Fisher trace and its AP drop "
-                  f"under uniform 3-bit PTQ: {_fmt(summary['spearman_fisher_vs_drop'], 1.0)} (Pearson "
-                  f"{_fmt(summary['pearson_fisher_vs_drop'], 1.0)}).", "", "| finding | holds here? |", "|---|---|"]
-    lines += [f"| {name} | {'yes' if ok else 'no'} |" for name, ok in summary["verdicts"].items()]
-    return "\n".join(lines) + "\n"
+def reproduce_models(out_dir, models, datasets, seeds, cfg):
+    """``reproduce`` for each checkpoint of ``models`` on its dataset of ``datasets``, each in
+    OUT/<file name> (one model: OUT itself), with its OUT/.../findings.md; with several, finding 5
+    in OUT/finding5.json and OUT/findings.md. Returns the markdown."""
+    out_dir, names = Path(out_dir), [Path(m).stem for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--model: two checkpoints share a file name ({names}); their folders would clash")
+    folders = [out_dir] if len(models) == 1 else [out_dir / n for n in names]
+    summaries, sections = {}, []
+    for name, folder, model, data in zip(names, folders, models, datasets):
+        summaries[name] = reproduce(folder, model, data, seeds, cfg)
+        text = render_findings(summaries[name])
+        atomic_write_text(folder / "findings.md", text)
+        sections.append(f"## `{name}`\n\n{text}")
+    if len(models) == 1:
+        return text
+    growth = finding5(summaries, cfg)
+    write_json(growth, out_dir / "finding5.json")
+    text = "\n".join(sections) + "\n" + render_finding5(growth)
+    atomic_write_text(out_dir / "findings.md", text)
+    return text
