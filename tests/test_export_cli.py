@@ -71,6 +71,20 @@ def test_packed_file_is_the_quantized_checkpoint_bit_exact(artifacts):
     assert os.path.getsize(artifacts["packed"]) < os.path.getsize(artifacts["float"]) / 4
 
 
+def test_a_bare_quantized_state_dict_needs_its_float_model(root, artifacts, tmp_path, capsys):
+    """fqdetr qat's qat_state.pt: a state dict without config, whose keys do not fix the
+    architecture (the tiny preset's 4 heads leave no trace): export takes it with --model."""
+    quantized = load_artifact(artifacts["quantized"]).model
+    torch.save(quantized.state_dict(), tmp_path / "qat_state.pt")
+    assert model_kind(tmp_path / "qat_state.pt") == "quantized"
+    err = error_of(capsys, ["eval", "--model", str(tmp_path / "qat_state.pt"), *_data(root)])
+    assert "qat_state.pt: a quantized state dict without its model config" in err
+    assert main(["export", "--model", str(root / "model.pth"), "--quantized", str(tmp_path / "qat_state.pt"),
+                 "--out", str(tmp_path / "bare.onnx")]) == 0
+    # the same state on the same model as ptq's quantized checkpoint: the same graph and codes
+    assert onnx.load(tmp_path / "bare.onnx") == onnx.load(artifacts["onnx"])
+
+
 def _scores(root, name, model):
     out = root / f"eval_{name}"
     assert main(["eval", "--model", str(model), *_data(root), "--out", str(out), "--no-plots"]) == 0

@@ -12,9 +12,10 @@ its training ``image_size`` and padded to its fixed ``canvas`` (the batch-size-i
 protocol, fqdetr.data.PadToCanvas).
 
 A quantized checkpoint is ``{"model": quantized state dict, "args": config, **metadata}``
-(``fqdetr ptq`` writes one) or a bare quantized state dict (``fqdetr qat``'s qat_state.pt,
-architecture read from its keys, no metadata). Its layers are those quantize_detr's
-default config swaps; the bit-widths and scales come from the state dict.
+(``fqdetr ptq`` writes one). A bare quantized state dict (``fqdetr qat``'s qat_state.pt) lacks
+the config, so it loads only onto its float model (``fqdetr export --model M --quantized``).
+Its layers are those quantize_detr's default config swaps; the bit-widths and scales come
+from the state dict.
 """
 import os
 from dataclasses import dataclass, field
@@ -72,11 +73,16 @@ def save_quantized_checkpoint(qmodel, path, metadata=None):
 
 def quantized_from_state(sd, path, float_model=None, config=None):
     """The quantized model of state dict ``sd`` (from file ``path``, named in errors): built on
-    ``float_model``, else from ``config``, else from the architecture its keys imply."""
+    ``float_model``, else from ``config`` (a state dict's keys do not determine the architecture:
+    head counts, dilation and norms leave no trace in them)."""
     from fqdetr.engine.quantize import quantize_detr
     from fqdetr.models.checkpoint import model_from_checkpoint
 
     if float_model is None:
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: a quantized state dict without its model config (e.g. fqdetr qat's "
+                             f"qat_state.pt); give it with the float model it came from (fqdetr export --model "
+                             f"FLOAT --quantized {path}), or use fqdetr ptq's quantized_state.pt")
         float_sd = {k: v for k, v in sd.items() if not _is_quantizer_key(k)}
         float_model = model_from_checkpoint({"args": config}, float_sd)
     qmodel = quantize_detr(float_model)
