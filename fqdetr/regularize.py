@@ -52,15 +52,21 @@ class FisherTraceRegularizer:
         self.params, self.quantizers = [p for p, _ in kept], [q for _, q in kept]
         self.estimator, self.method, self.fd_eps = estimator, method, fd_eps
 
-    def __call__(self, loss_fn):
+    def __call__(self, loss_fn, image_loss=None, num_images=0):
         """loss_fn(reduction) -> scalar critical loss ("batch") or per-image losses [B]
         ("per_image"), recomputed by a fresh forward pass on each call.
+        image_loss(n) -> image n's loss (scalar) from a forward pass of that image alone, for
+        n < num_images: optional, used by "per-sample" with "exact", whose B backward passes
+        then each run through one image's graph instead of the whole batch's (the same R for
+        a model whose images do not interact; docs/METHOD.md section 4.2).
 
         Returns the penalty: value R, gradient dR/d(params).
         """
         if self.method == "exact":
             with fk.differentiable():
-                return self._exact(loss_fn)
+                if image_loss is not None and self.estimator == "per-sample":
+                    return self._exact_of([image_loss(n) for n in range(num_images)])
+                return self._exact_of(self._losses(loss_fn))
         return self._finite_difference(loss_fn)
 
     def _losses(self, loss_fn):
@@ -69,8 +75,10 @@ class FisherTraceRegularizer:
         per_image = loss_fn("per_image")
         return [per_image[n] for n in range(per_image.shape[0])]
 
-    def _exact(self, loss_fn):
-        losses = self._losses(loss_fn)
+    def _exact_of(self, losses):
+        """mean over ``losses`` (scalars) of ||d loss / d params||^2, differentiable (double backward)."""
+        if not losses:
+            raise ValueError("num_images: expected at least one image")
         total = 0.0
         for loss in losses:
             grads = torch.autograd.grad(loss, self.params, create_graph=True)

@@ -135,3 +135,25 @@ def test_default_per_sample_R_is_the_fisher_collectors_trace():
     reg = FisherTraceRegularizer(weights, quantizers=quantizers)
     assert reg.estimator == "per-sample"
     assert reg(_loss_fn(model, x, y)).item() == pytest.approx(sum(fc.traces().values()), rel=1e-5)
+
+
+def test_per_image_forward_passes_give_the_same_R_and_gradient():
+    """reg(loss_fn, image_loss, B): each image's backward pass through its own forward pass
+    gives the batch path's R and dR/dW (the toy's images do not interact)."""
+    model, x, y = _toy(quantized=True)
+    reg = _regularizer(model, "per-sample", "exact")
+    batch_R = reg(_loss_fn(model, x, y))
+    batch_grads = torch.autograd.grad(batch_R, reg.params)
+    calls = []
+
+    def image_loss(n):
+        calls.append(n)
+        return nn.functional.cross_entropy(model(x[n:n + 1]), y[n:n + 1])
+
+    R = reg(_loss_fn(model, x, y), image_loss, len(y))
+    assert calls == list(range(len(y)))
+    assert R.item() == pytest.approx(batch_R.item(), rel=1e-12)
+    for a, b in zip(torch.autograd.grad(R, reg.params), batch_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="num_images"):
+        reg(_loss_fn(model, x, y), image_loss, 0)

@@ -101,7 +101,12 @@ def qat(model, criterion, loader, steps, lr=5e-5, critical_objective=None, reg_l
                 per_image = critical_objective(model((images, mask)), targets)
                 return per_image.sum() if reduction == "batch" else per_image
 
-            penalty = reg(critical_loss)
+            def image_loss(n, images=images, mask=mask, targets=targets):
+                # Image n alone: the regulariser's per-image backward passes then stay within
+                # one image's graph (docs/METHOD.md section 4.2).
+                return critical_objective(model((images[n:n + 1], mask[n:n + 1])), targets[n:n + 1])[0]
+
+            penalty = reg(critical_loss, image_loss, len(targets))
             record["R"] = penalty.item()
             if reg_scale is None:  # fixed at the first step: lambda is relative to the task loss
                 reg_scale = loss.item() / max(penalty.item(), 1e-12)
