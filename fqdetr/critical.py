@@ -263,9 +263,10 @@ def selective_terms(criterion, outputs, targets, num_critical, mode):
     levels = [("", outputs)] + [(f"_{i}", a) for i, a in enumerate(outputs.get("aux_outputs", []))]
     out = {}
     for suffix, level in levels:
-        indices = criterion.matcher(level, targets)
-        critical = [(src[keep], tgt[keep]) for (src, tgt), t in zip(indices, targets)
-                    for keep in [t["labels"][tgt].to(src.device) < num_critical]]
+        critical = []  # per image: (queries, targets) of the pairs whose target is critical
+        for (src, tgt), t in zip(criterion.matcher(level, targets), targets):
+            keep = t["labels"][tgt].to(src.device) < num_critical
+            critical.append((src[keep], tgt[keep]))
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(critical)])
         query_idx = torch.cat([src for src, _ in critical])
         labels = torch.cat([t["labels"][tgt] for t, (_, tgt) in zip(targets, critical)])
