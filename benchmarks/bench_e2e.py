@@ -396,6 +396,18 @@ def main(argv=None):
 
 # ---- pytest-benchmark ----
 
+def benchmark_interleaved(benchmark, runs, interleaved_ratios, key, rounds=5):
+    """pytest-benchmark rounds of ``runs`` (one round = every method once, the order rotating);
+    the median ratios over the float floor go to extra_info and to interleaved_ratios[key]."""
+    warm_up(runs)
+    times, order = {}, list(runs)
+    benchmark.pedantic(run_round, args=(runs, order, times), rounds=rounds, iterations=1)
+    ratios = median_ratios(times)
+    benchmark.extra_info.update({f"{m} / float": round(r, 3) for m, r in ratios.items()})
+    benchmark.extra_info["load"] = load_line()
+    interleaved_ratios[key] = ratios
+
+
 def _pytest_cases():
     return [c for c in CASES if size_of(c) == "tiny" or os.environ.get("FQ_BENCH_R50") == "1"]
 
@@ -417,14 +429,8 @@ if pytest is not None:
         benchmark.group = f"e2e {case} {measure}, one round = {' + '.join(MEASURES[measure])}"
         if case not in built_cases:
             built_cases[case] = build_case(case)
-        runs = runners(built_cases[case], measure)
-        warm_up(runs)
-        times, order = {}, list(runs)
-        benchmark.pedantic(run_round, args=(runs, order, times), rounds=5, iterations=1)
-        ratios = median_ratios(times)
-        benchmark.extra_info.update({f"{m} / float": round(r, 3) for m, r in ratios.items()})
-        benchmark.extra_info["load"] = load_line()
-        interleaved_ratios[f"{case} {measure}"] = ratios
+        benchmark_interleaved(benchmark, runners(built_cases[case], measure), interleaved_ratios,
+                              f"{case} {measure}")
 
 
 if __name__ == "__main__":

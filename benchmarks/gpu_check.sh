@@ -64,6 +64,7 @@ for n, t, k, m in [(32, 100, 256, 256), (32, 850, 256, 2048), (8, 850, 2048, 256
 PYEOF
 
 # ---- whole model: QAT step, Fisher on a batch, quantized forward (x the float model, same run) ----
-# Tiny DETR batch 4 and DETR-R50 batch 2 at 512x672; on the GPU the inference forward is the
-# cached fake-quant path (the integer kernels of fqdetr.quant.inference are CPU-only).
-$PY benchmarks/bench_e2e.py --quick --device cuda --cases tiny r50
+# Tiny DETR and tiny Deformable DETR batch 4, DETR-R50 and Deformable R50 batch 2 at 512x672,
+# ending with the table; on the GPU the inference forward is the cached fake-quant
+# path (the integer kernels of fqdetr.quant.inference are CPU-only).
+$PY benchmarks/bench_e2e.py --quick --device cuda --cases tiny r50 deformable_tiny deformable_r50

@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from fqkernels import _ext, backends, checks, composite, reference
-from fqkernels.util import FunctionPair, owned_output, traced
+from fqkernels.util import FunctionPair, op_or_impl, owned_output
 
 
 class _Compiled:
@@ -63,7 +63,7 @@ def _forward(x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool, axis
     return owned_output(backends.impl("fake_quant", backend).forward(x, scale, bits, signed, axis))
 
 
-# The ops for torch.compile / export; eager calls run _forward / _backward themselves (util.traced).
+# The ops for torch.compile / export; eager calls run _forward / _backward themselves (util.op_or_impl).
 fake_quant_forward_op = torch.library.custom_op("fqkernels::fake_quant_forward", _forward, mutates_args=())
 
 
@@ -102,14 +102,14 @@ class FakeQuantFunction(torch.autograd.Function):
     def forward(ctx, x, scale, config):
         ctx.save_for_backward(x, scale)
         ctx.config = config
-        run = fake_quant_forward_op if traced(x, scale) else _forward
+        run = op_or_impl(fake_quant_forward_op, _forward, x, scale)
         return run(x, scale, config.bits, config.signed, config.axis, config.backend)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, scale = ctx.saved_tensors
         c = ctx.config
-        run = fake_quant_backward_op if traced(grad_y, x, scale) else _backward
+        run = op_or_impl(fake_quant_backward_op, _backward, grad_y, x, scale)
         grad_x, grad_scale = run(grad_y, x, scale, c.bits, c.signed, c.axis, c.grad_factor, c.backend)
         return grad_x, grad_scale.reshape(scale.shape), None
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from fqkernels import _ext, backends, checks, composite, gemm_backends, reference
 from fqkernels.util import (FunctionPair, Lazy, accumulate_fisher, cpu_fake_quant, cpu_ste_backward_, f32,
-                            owned_output, traced)
+                            op_or_impl, owned_output)
 
 
 class _Cpu:
@@ -103,7 +103,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
                                                                        a_bits, a_signed))
 
 
-# The op for torch.compile / export; eager calls run _forward itself (see util.traced).
+# The op for torch.compile / export; eager calls run _forward itself (see util.op_or_impl).
 quant_linear_forward_op = torch.library.custom_op("fqkernels::quant_linear_forward", _forward, mutates_args=())
 
 
@@ -158,7 +158,7 @@ class QuantLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, w_scale, a_scale, config, fisher):
         ctx.save_for_backward(x, weight, w_scale, a_scale)
         ctx.config, ctx.fisher, ctx.has_bias = config, fisher, bias is not None
-        run = quant_linear_forward_op if traced(x, weight) else _forward
+        run = op_or_impl(quant_linear_forward_op, _forward, x, weight)
         return run(reference.rows(x), weight, bias, w_scale, a_scale, config.w_bits,
                                        config.a_bits, config.a_signed, config.backend)
 
@@ -167,7 +167,7 @@ class QuantLinearFunction(torch.autograd.Function):
         x, weight, w_scale, a_scale = ctx.saved_tensors
         c = ctx.config
         grad_y = grad_y.reshape(*x.shape[:-1], weight.shape[0])  # the Fisher reads samples in x's layout
-        run = quant_linear_backward_op if traced(grad_y, x, weight) else _backward
+        run = op_or_impl(quant_linear_backward_op, _backward, grad_y, x, weight)
         grad_x, grad_w, grad_b, grad_ws, grad_as = run(
             grad_y, x, weight, w_scale, a_scale, c.w_bits, c.a_bits, c.a_signed, c.w_grad_factor, c.a_grad_factor,
             ctx.fisher, c.fisher_batch_dim, c.backend)

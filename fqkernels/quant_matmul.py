@@ -16,8 +16,8 @@ from typing import NamedTuple
 import torch
 
 from fqkernels import backends, checks, composite, gemm_backends, reference
-from fqkernels.util import (FunctionPair, Lazy, cpu_fake_quant, cpu_ste_backward_, f32, owned_output,
-                            traced)
+from fqkernels.util import (FunctionPair, Lazy, cpu_fake_quant, cpu_ste_backward_, f32, op_or_impl,
+                            owned_output)
 
 
 class _Cpu:
@@ -57,7 +57,7 @@ def _forward(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: t
                                                                        a_signed, b_signed))
 
 
-# The ops for torch.compile / export; eager calls run _forward / _backward themselves (util.traced).
+# The ops for torch.compile / export; eager calls run _forward / _backward themselves (util.op_or_impl).
 quant_matmul_forward_op = torch.library.custom_op("fqkernels::quant_matmul_forward", _forward, mutates_args=())
 
 
@@ -103,14 +103,14 @@ class QuantMatmulFunction(torch.autograd.Function):
         ctx.save_for_backward(a, b, a_scale, b_scale)
         ctx.config = config
         c = config
-        run = quant_matmul_forward_op if traced(a, b) else _forward
+        run = op_or_impl(quant_matmul_forward_op, _forward, a, b)
         return run(a, b, a_scale, b_scale, c.a_bits, c.b_bits, c.a_signed, c.b_signed, c.backend)
 
     @staticmethod
     def backward(ctx, grad_y):
         a, b, a_scale, b_scale = ctx.saved_tensors
         c = ctx.config
-        run = quant_matmul_backward_op if traced(grad_y, a, b) else _backward
+        run = op_or_impl(quant_matmul_backward_op, _backward, grad_y, a, b)
         grad_a, grad_b, grad_sa, grad_sb = run(
             grad_y, a, b, a_scale, b_scale, c.a_bits, c.b_bits, c.a_signed, c.b_signed, c.a_grad_factor,
             c.b_grad_factor, c.backend)

@@ -2,6 +2,7 @@
 their backends: lazy backend loading, the output contract of the custom ops, and the
 C++ calls that several backends compose. Imports no op module, so that no op module
 imports another."""
+import functools
 import importlib
 
 import torch
@@ -42,6 +43,22 @@ def traced(*tensors):
     return (torch.compiler.is_compiling() or torch.jit.is_tracing() or bool(torch._C._len_torch_dispatch_stack())
             or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
             or any(type(t) not in _PLAIN for t in tensors if t is not None))
+
+
+def op_or_impl(op, impl, *tensors):
+    """What an autograd.Function calls: the custom op ``op`` when ``traced(*tensors)``, else its
+    implementation ``impl`` directly; while torch.profiler records, ``impl`` runs under the
+    op's name, so profiles still attribute the C++ kernels' time to the op."""
+    if traced(*tensors):
+        return op
+    if torch.autograd.profiler._is_profiler_enabled:
+        return functools.partial(_labelled, f"{op._namespace}::{op._name}", impl)
+    return impl
+
+
+def _labelled(name, impl, *args):
+    with torch.profiler.record_function(name):
+        return impl(*args)
 
 
 def owned_output(t):

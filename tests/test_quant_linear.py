@@ -293,3 +293,42 @@ def test_subnormal_scales_agree_with_reference(backend):
     tensors = [x, w, torch.full((5,), 1e-40), torch.tensor([1e-41])]
     _assert_same_as_reference(fn, backend, tensors)
     assert not any(t.isnan().any() for t in _grads_of(fn, backend, tensors))
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every op dispatched while active (a dispatch mode, as fake tensors
+    and make_fx use)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif("cpu" not in AVAILABLE, reason="fqkernels._cpu is not built")
+def test_eager_calls_skip_the_custom_ops_and_modes_see_them(monkeypatch):
+    import sys
+    module = sys.modules["fqkernels.quant_linear"]
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(8, 16))
+    s_w, s_a = torch.full((8,), 0.05), torch.tensor([0.02])
+    expected = fk.quant_linear(x, w, None, s_w, s_a, backend="cpu")
+    with _RecordOps() as mode:  # a dispatch mode must see the op (it cannot see a C++ call)
+        assert torch.equal(fk.quant_linear(x, w, None, s_w, s_a, backend="cpu"), expected)
+    assert "fqkernels.quant_linear_forward.default" in mode.names
+    with torch.profiler.profile() as prof:  # profiles name the op also when it is bypassed
+        fk.quant_linear(x, w, None, s_w, s_a, backend="cpu").sum().backward()
+    assert {"fqkernels::quant_linear_forward", "fqkernels::quant_linear_backward"} <= {
+        e.key for e in prof.key_averages()}
+
+    def fail(*args):
+        raise AssertionError("an eager call went through the custom op")
+
+    monkeypatch.setattr(module, "quant_linear_forward_op", fail)
+    monkeypatch.setattr(module, "quant_linear_backward_op", fail)
+    y = fk.quant_linear(x, w, None, s_w, s_a, backend="cpu")  # Parameters are plain tensors here
+    assert torch.equal(y, expected)
+    y.sum().backward()
