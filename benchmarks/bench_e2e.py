@@ -386,9 +386,11 @@ def main(argv=None):
     for case in cases:
         rounds = args.rounds or {"tiny": (9, 5), "r50": (3, 2)}[size_of(case)][args.quick]
         skip = QUICK_SKIP[size_of(case)] if args.quick else ()
+        start = time.perf_counter()
         c = build_case(case, args.device, deformable_weights=args.deformable_weights)
         print(f"\n== {case}: {rounds} rounds", flush=True)
         all_results[case] = {m: run_measure(c, case, m, rounds, skip, args.profile) for m in args.measures}
+        print(f"== {case}: {time.perf_counter() - start:.0f} s", flush=True)
         del c
     print_summary(all_results)
     return 0
