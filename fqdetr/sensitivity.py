@@ -1,11 +1,12 @@
 """Per-layer sensitivity of a (quantized) DETR or Deformable DETR: Fisher traces of the overall, critical
 and mixed objectives (docs/METHOD.md sections 2-3), and a Hutchinson Hessian-trace baseline.
 
-Objectives are per-image: f(outputs, targets) -> [B] losses, each image's loss as if it
-were alone in its batch, as per-sample Fisher needs. The traces then depend on batching
-only through the zero padding the convolutional backbone sees when images of different
-sizes share a batch (as in DETR itself); batch size 1 makes them exactly batch-invariant.
-Under torchrun every process takes a shard of the images and the sums are all-reduced.
+Objectives are per-image: f(outputs, targets) -> [B] losses, image n's loss a function of
+image n's outputs only, with a normaliser that does not depend on the batch (docs/METHOD.md
+section 2.4: "fixed", the default, or "per_image"), as per-sample Fisher needs. Every image
+is padded to the model's canvas, so the traces do not depend on how images are batched or
+split across processes, up to float rounding (docs/METHOD.md section 7). Under torchrun every
+process takes a shard of the images and the sums are all-reduced.
 """
 import logging
 
