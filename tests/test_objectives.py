@@ -183,27 +183,40 @@ def test_mean_objects_per_image_counts_the_annotations(tmp_path):
     assert mean_objects_per_image(CocoDetection(tmp_path / "img", tmp_path / "a.json", image_ids=[3])) == 1.0
 
 
-@pytest.mark.parametrize("mode", ["matched", "contrast"])
-def test_fisher_of_the_selective_modes_equals_a_per_image_autograd_loop(mode):
+def _detector(head):
+    """(quantized tiny detector with 5 classes, its criterion, layers to check (name, weight))."""
+    from fqdetr.models.deformable import build_deformable_detr
     from fqdetr.quant import QuantConfig, quantize_model
-    from fqdetr.sensitivity import fisher_traces
     torch.manual_seed(0)
-    model = quantize_model(build_detr("tiny", num_classes=5).eval(), QuantConfig(w_bits=4, a_bits=8))
+    if head == "softmax":
+        model = quantize_model(build_detr("tiny", num_classes=5).eval(), QuantConfig(w_bits=4, a_bits=8))
+        criterion = build_criterion(5, dec_layers=model.transformer.decoder.num_layers)
+        names = ("transformer.decoder.layers.0.linear1", "class_embed", "bbox_embed.layers.2")
+    else:
+        model = quantize_model(build_deformable_detr("deformable_tiny", num_classes=5).eval(),
+                               QuantConfig(w_bits=4, a_bits=8))
+        criterion = build_deformable_criterion(5, dec_layers=2)
+        names = ("transformer.decoder.layers.1.cross_attn.sampling_offsets", "class_embed.0",
+                 "bbox_embed.0.layers.2")
+    return model, criterion, [(n, model.get_submodule(n).weight) for n in names]
+
+
+@pytest.mark.parametrize("head, mode", [("softmax", "matched"), ("softmax", "contrast"), ("sigmoid", "contrast")])
+def test_fisher_of_the_selective_modes_equals_a_per_image_autograd_loop(head, mode):
+    from fqdetr.sensitivity import fisher_traces
+    model, criterion, layers = _detector(head)
     gen = torch.Generator().manual_seed(3)
     images, mask = torch.rand(2, 3, 64, 64, generator=gen), torch.zeros(2, 64, 64, dtype=torch.bool)
     targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4], [0.2, 0.3, 0.1, 0.1]])},
                {"labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.6, 0.4, 0.5, 0.5], [0.3, 0.6, 0.2, 0.3]])}]
     model((images, mask))  # activation scales from this batch
-    critical = detr_objectives(build_criterion(5, dec_layers=model.transformer.decoder.num_layers), None, S,
-                               mode=mode, objects_per_image=2.0, critical_objects_per_image=1.5)["critical"]
+    critical = detr_objectives(criterion, None, S, mode=mode, objects_per_image=2.0,
+                               critical_objects_per_image=1.5)["critical"]
     traces = fisher_traces(model, [(images, mask, targets)], critical, progress=False)
-    names = ("transformer.decoder.layers.0.linear1", "class_embed", "bbox_embed.layers.2",
-             "transformer.encoder.layers.0.self_attn")
-    weights = [model.get_submodule(n).in_proj_weight if n.endswith("self_attn") else model.get_submodule(n).weight
-               for n in names]
     losses = critical(model((images, mask)), targets)
+    weights = [w for _, w in layers]
     grads = [torch.autograd.grad(losses[n], weights, retain_graph=True) for n in range(2)]
-    for k, name in enumerate(names):
+    for k, (name, _) in enumerate(layers):
         expected = sum(float(g[k].square().sum()) for g in grads) / 2
         assert expected > 0 and math.isfinite(traces[name])
         assert traces[name] == pytest.approx(expected, rel=1e-4), name
