@@ -250,8 +250,9 @@ def _class_term(criterion, logits, matched, labels, num_critical, mode):
     else:
         loss = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
     rest_weight = 0.0 if mode == "matched" else criterion.eos_coef
-    weight = torch.where(is_critical, torch.ones_like(loss), torch.full_like(loss, rest_weight))
-    return (loss * weight).sum(1)
+    # where, not a product: a rest query's loss is inf when S holds every class ("other" is
+    # -inf), and 0 * inf would be nan.
+    return torch.where(is_critical, loss, loss * rest_weight if rest_weight else torch.zeros_like(loss)).sum(1)
 
 
 def selective_terms(criterion, outputs, targets, num_critical, mode):

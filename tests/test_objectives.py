@@ -144,6 +144,17 @@ def test_objectives_do_not_depend_on_the_batch(mode, head, normalizer):
             assert float(batch[i]) == pytest.approx(float(alone[0]), rel=1e-12), (name, i)
 
 
+@pytest.mark.parametrize("head", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("mode", ["matched", "contrast"])
+def test_selective_modes_with_every_class_critical_are_finite(mode, head):
+    """S = every class: "other" has probability 0 (a -inf softmax logit); losses and gradients stay finite."""
+    outputs, targets = _case(6 if head == "softmax" else 5)
+    logits = outputs["pred_logits"].requires_grad_()
+    losses = detr_objectives(_criterion(head), None, range(5), mode=mode)["critical"](outputs, targets)
+    (grad,) = torch.autograd.grad(losses.sum(), logits)
+    assert bool(torch.isfinite(losses).all()) and bool(torch.isfinite(grad).all()) and float(losses[0].detach()) > 0
+
+
 def test_the_fixed_normaliser_weighs_images_alike():
     """per_image divides an image with one object by 1, one with three by 3; fixed divides both
     by the same constant, so the boxes' share of the loss grows with the objects."""
