@@ -26,11 +26,12 @@ def _run(seed, val, train, spread=0.005):
     for a, v in train.items():
         arms[a]["train"] = _split(v, rng, spread)
     rows = [{"fisher_trace": 1.0, "drop": 0.1}]
-    f1 = {"mode": "matched", "w_bits": 3, "per_category": {"spearman": 0.5 + 0.1 * seed, "p_value": 0.01, "n": 16},
+    f1 = {"mode": "matched", "w_bits": 3, "images": 200, "per_category": {"spearman": 0.5 + 0.1 * seed, "p_value": 0.01, "n": 16},
           "per_supercategory": {"spearman": None, "p_value": None, "n": 4, "rows": rows}}
     return {"seed": seed, "arms": arms, "finding1": f1, "model": "m.pth", "detector": "DETR", "num_params": 1,
             "num_classes": 16, "traces_from": "the uniform PTQ model", "qat_start": "ptq fisher-critical-lse",
-            "val_images": 500, "fisher_images": 200, "avg_bits_all_layers": 4.05, "seconds": 60.0}
+            "val_images": 500, "fisher_images": 200, "avg_bits_all_layers": 4.05, "seconds": 60.0,
+            "stages": {"fisher": {"wall": 50.0, "cpu": 90.0, "runs": 4}}}
 
 
 def _values(shift=0.0):

@@ -39,6 +39,8 @@ def add_parser(subparsers):
     p.add_argument("--hutchinson-probes", type=positive_int, default=2, help="probes per batch (default 2)")
     p.add_argument("--finding1-mode", default="matched", help="T_S mode of finding 1's traces (default matched)")
     p.add_argument("--finding1-bits", type=positive_int, default=3, help="finding 1's PTQ bits (default 3)")
+    p.add_argument("--finding1-images", type=positive_int, default=None,
+                   help="Fisher images of finding 1's 20 group traces (default: all --fisher-images)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="batch size (default 8)")
     p.set_defaults(func=run)
 
@@ -70,7 +72,8 @@ def run(args):
     cfg = StudyConfig(critical=args.critical, modes=args.modes, eval_images=args.eval_images,
                       fisher_images=args.fisher_images, qat_steps=args.qat_steps, bootstrap=args.bootstrap,
                       random_draws=args.random_draws, hutchinson_probes=args.hutchinson_probes,
-                      finding1_mode=args.finding1_mode, finding1_bits=args.finding1_bits, batch_size=args.batch_size)
+                      finding1_mode=args.finding1_mode, finding1_bits=args.finding1_bits,
+                      finding1_images=args.finding1_images, batch_size=args.batch_size)
     text = reproduce_models(args.out, models, _datasets(args.data, models), args.seeds, cfg)
     print(text)
     return 0

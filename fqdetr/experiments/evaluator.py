@@ -6,6 +6,9 @@ category) and every resample's AP comes from its per-image matches. Critical AP 
 T_S-transformed predictions (docs/METHOD.md section 1.5) is one more COCOeval of the critical
 set's transformed detections (a point value, no bootstrap).
 """
+import contextlib
+import time
+
 import torch
 
 from fqdetr.engine.evaluate import coco_dataset_of, predict, to_coco_results
@@ -15,6 +18,25 @@ from fqdetr.evaluation.cocoeval import evaluate_images, load_detections, resolve
 from fqdetr.evaluation.transformed import evaluate_critical_transformed
 from fqdetr.data.coco import load_coco
 from fqdetr.stats import MatchTable, bootstrap_weights, mean_precision, weighted_ap
+
+
+class Stopwatch:
+    """Wall and CPU seconds (all threads) per named stage, summed over its runs: what a study's
+    runtime estimate scales up from a small run."""
+
+    def __init__(self):
+        self.stages = {}
+
+    @contextlib.contextmanager
+    def stage(self, name):
+        wall, cpu = time.time(), time.process_time()
+        try:
+            yield
+        finally:
+            s = self.stages.setdefault(name, {"wall": 0.0, "cpu": 0.0, "runs": 0})
+            s["wall"] += time.time() - wall
+            s["cpu"] += time.process_time() - cpu
+            s["runs"] += 1
 
 
 def restricted_gt(coco, image_ids):
@@ -31,7 +53,9 @@ class SplitEvaluator:
     them; transformed: the set names whose critical AP on transformed predictions is reported;
     resamples: bootstrap resamples of these images (0: none), drawn with ``seed``."""
 
-    def __init__(self, dataset, indices, canvas, sets, transformed=(), resamples=0, seed=0, batch_size=8):
+    def __init__(self, dataset, indices, canvas, sets, transformed=(), resamples=0, seed=0, batch_size=8,
+                 watch=None):
+        self.watch = watch or Stopwatch()
         self.dataset = coco_dataset_of(dataset)
         self.loader = make_loader(torch.utils.data.Subset(dataset, list(indices)), batch_size, canvas, shuffle=False)
         self.gt = restricted_gt(self.dataset.coco, [self.dataset.ids[i] for i in indices])
@@ -43,19 +67,22 @@ class SplitEvaluator:
     def evaluate(self, model, bootstrap=True):
         """{"mAP", "critical": {set: AP}, "per_category": {name: AP}, "critical_transformed":
         {set: AP}, "bootstrap": {"mAP" / set name: [resamples] APs (None: undefined)}}."""
-        preds, ids, probs, boxes = predict(model, self.loader, query_boxes=True)
-        dets = to_coco_results(preds, ids, self.dataset.label_to_cat_id)
-        table = MatchTable(evaluate_images(self.gt, load_detections(dets, self.gt)))
+        with self.watch.stage("eval: detector"):
+            preds, ids, probs, boxes = predict(model, self.loader, query_boxes=True)
+        with self.watch.stage("eval: cocoeval"):
+            dets = to_coco_results(preds, ids, self.dataset.label_to_cat_id)
+            table = MatchTable(evaluate_images(self.gt, load_detections(dets, self.gt)))
         out = {"mAP": weighted_ap(table, None),
                "critical": {name: weighted_ap(table, ids_) for name, ids_ in self.sets.items()},
                "per_category": {name: weighted_ap(table, [c]) for name, c in self.categories.items()}}
-        if self.transformed:
+        if self.transformed:  # its own COCOeval: counted with cocoeval
             raw = [{"image_id": i, "probs": p, "boxes": b} for i, p, b in zip(ids, probs, boxes)]
             t = evaluate_critical_transformed(self.gt, raw, self.transformed, self.dataset.label_to_cat_id,
                                               head=family_of(model).head)
             out["critical_transformed"] = {name: r["AP"] for name, r in t.items()}
         if bootstrap and self.weights is not None:
-            out["bootstrap"] = self._bootstrap(table)
+            with self.watch.stage("eval: bootstrap"):
+                out["bootstrap"] = self._bootstrap(table)
         return out
 
     def _bootstrap(self, table):

@@ -157,7 +157,8 @@ def summarize(runs, cfg):
             "detector": first["detector"], "traces_from": first["traces_from"], "qat_start": first["qat_start"],
             "val_images": first["val_images"], "fisher_images": first["fisher_images"],
             "avg_bits_all_layers": first["avg_bits_all_layers"], "finding1_mode": first["finding1"]["mode"],
-            "finding1_bits": first["finding1"]["w_bits"], "seed_seconds": [r["seconds"] for r in runs],
+            "finding1_bits": first["finding1"]["w_bits"], "finding1_images": first["finding1"]["images"],
+            "seed_seconds": [r["seconds"] for r in runs], "seed_stages": [r["stages"] for r in runs],
             "arms": arm_table(runs, cfg.critical),
             "comparisons": [compare(runs, cfg.critical, c) for c in comparisons(cfg)],
             "finding1": finding1_summary(runs)}

@@ -21,8 +21,8 @@ def _header(s):
     return [f"Model `{s['model']}` ({s['detector']}); critical set **{cfg['critical']}**; seeds {s['seeds']}; "
             f"{s['val_images']} val images (the same for every seed, bootstrap over them with {cfg['bootstrap']} "
             f"resamples); {s['fisher_images']} Fisher / calibration images drawn per seed from the training split; "
-            f"weights at {s['avg_bits_all_layers']:.2f} bits on average in every PTQ arm (uniform W{cfg['budget_bits']}A8's "
-            f"size); {cfg['qat_steps']} QAT steps from `{s['qat_start']}`.",
+            f"weights at {s['avg_bits_all_layers']:.2f} bits on average in every PTQ arm (the size of uniform "
+            f"W{cfg['budget_bits']}A8); {cfg['qat_steps']} QAT steps from `{s['qat_start']}`.",
             "", f"Traces (Fisher and Hessian) from the {s['traces_from']}.",
             "", f"Wall time: {minutes:.1f} min for this call (per seed, when run: {per_seed} min).", ""]
 
@@ -51,7 +51,8 @@ def _comparison_table(s):
 
 def _finding1(s):
     lines = ["", f"Finding 1: Spearman's rho between a group's critical Fisher trace (T_S mode "
-                 f"`{s['finding1_mode']}`) and its val AP drop under uniform {s['finding1_bits']}-bit PTQ; "
+                 f"`{s['finding1_mode']}`, over {s['finding1_images']} of the seed's Fisher images) and its val AP drop "
+                 f"under uniform {s['finding1_bits']}-bit PTQ; "
                  "p: two-sided permutation p-value per seed (with n groups it cannot go below 2/n!).", "",
              "| grouping | groups | rho over seeds | rho per seed | p per seed | holds |", "|---|---|---|---|---|---|"]
     for key, f in s["finding1"].items():
@@ -62,10 +63,18 @@ def _finding1(s):
     return lines
 
 
+def _stages(s):
+    """Each stage's wall / CPU minutes in the first seed (eval stages also run inside others)."""
+    stages = s["seed_stages"][0]
+    return ["", f"Time per stage, seed {s['seeds'][0]} (minutes wall / CPU of all threads; the eval stages also "
+                "run inside the QAT and finding-1 stages):", "", "| stage | runs | wall | CPU |", "|---|---|---|---|"] + \
+        [f"| {name} | {t['runs']} | {t['wall'] / 60:.1f} | {t['cpu'] / 60:.1f} |" for name, t in stages.items()]
+
+
 def render_findings(summary):
     """Markdown of a study summary."""
     return "\n".join(_header(summary) + _arm_table(summary) + _comparison_table(summary)
-                     + _finding1(summary)) + "\n"
+                     + _finding1(summary) + _stages(summary)) + "\n"
 
 
 def render_finding5(growth):

@@ -8,7 +8,10 @@ as the allocations' are, not on the float model.
 """
 import copy
 
+import torch
+
 from fqdetr.critical import category_sets
+from fqdetr.engine.loader import make_loader
 from fqdetr.engine.quantize import quantize_detr
 from fqdetr.sensitivity import detr_objectives, fisher_traces, mean_objects_per_image
 from fqdetr.stats import permutation_pvalue
@@ -40,14 +43,19 @@ def correlate(rows):
 
 def sensitivity_vs_drop(ctx, uniform, cfg, float_val=None):
     """{"per_category", "per_supercategory": {"rows", "spearman", "p_value", "n"}, "mode",
-    "w_bits"}: each group's summed critical trace on ``uniform`` (mode ``cfg.finding1_mode``)
+    "w_bits", "images"}: each group's summed critical trace on ``uniform`` (mode ``cfg.finding1_mode``,
+    over the first ``cfg.finding1_images`` of the seed's Fisher images)
     and its val AP drop float -> uniform ``cfg.finding1_bits``-bit PTQ. Groups whose AP is
     undefined are left out. float_val: the float model's val evaluation when already done."""
     float_val = float_val or ctx.val.evaluate(ctx.model, bootstrap=False)
     ptq = quantize_detr(ctx.model, w_bits=cfg.finding1_bits, calib_loader=ctx.fisher_loader)
     ptq_val = ctx.val.evaluate(ptq, bootstrap=False)
     categories, supers = groups_of(ctx.data["val"])
-    out = {"mode": cfg.finding1_mode, "w_bits": cfg.finding1_bits}
+    images = ctx.fisher_loader.dataset
+    if cfg.finding1_images is not None:  # its 20 traces dominate a seed's time: they may use fewer images
+        images = torch.utils.data.Subset(images, range(min(cfg.finding1_images, len(images))))
+    loader = make_loader(images, cfg.batch_size, ctx.canvas, shuffle=False)
+    out = {"mode": cfg.finding1_mode, "w_bits": cfg.finding1_bits, "images": len(images)}
     for key, groups, ap_key in (("per_category", categories, "per_category"),
                                 ("per_supercategory", supers, "critical")):
         rows = []
@@ -56,7 +64,7 @@ def sensitivity_vs_drop(ctx, uniform, cfg, float_val=None):
             if before is None or after is None:
                 continue
             objective = mode_objectives(ctx, labels, cfg.finding1_mode)["critical"]
-            trace = sum(fisher_traces(copy.deepcopy(uniform), ctx.fisher_loader, objective, progress=False).values())
+            trace = sum(fisher_traces(copy.deepcopy(uniform), loader, objective, progress=False).values())
             rows.append({"group": name, "fisher_trace": trace, "float_AP": before, "ptq_AP": after,
                          "drop": before - after})
         out[key] = correlate(rows)
