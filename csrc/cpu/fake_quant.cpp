@@ -14,7 +14,10 @@
 namespace fq::cpu {
 namespace {
 
-constexpr int64_t kChunk = 1 << 14;  // elements per OpenMP work item
+// Elements per OpenMP work item. A tensor of one chunk runs on the calling thread: waking the
+// team costs more than the work there, and on a loaded machine every region waits for all
+// its threads to be scheduled (tiny layers' weights and activations are one chunk).
+constexpr int64_t kChunk = 1 << 14;
 
 inline float load(const float* p, int64_t i) { return p[i]; }
 inline float load(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
@@ -74,7 +77,7 @@ void fake_quant_forward(const T* x, const float* scale, T* y, int64_t outer, int
                         int64_t inner, QRange range) {
   const int64_t total = outer * channels * inner;
   const int64_t chunks = (total + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (chunks > 1)
   for (int64_t k = 0; k < chunks; ++k) {
     for_each_segment(k, total, channels, inner, [&](int64_t i, int64_t n, int64_t c) {
       forward_segment(x + i, y + i, n, scale[c], range);
@@ -91,7 +94,7 @@ void fake_quant_backward(const T* grad_y, const T* x, const float* scale, T* gra
   // One partial sum per thread and channel, so no atomics and a fixed summation order
   // within each thread.
   std::vector<double> partial(static_cast<size_t>(threads) * channels, 0.0);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (chunks > 1)
   for (int64_t k = 0; k < chunks; ++k) {
     double* mine = partial.data() + static_cast<size_t>(omp_get_thread_num()) * channels;
     for_each_segment(k, total, channels, inner, [&](int64_t i, int64_t n, int64_t c) {

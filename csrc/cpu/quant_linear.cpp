@@ -13,7 +13,9 @@
 namespace fq::cpu {
 namespace {
 
-constexpr int64_t kChunk = 1 << 14;  // activation elements per OpenMP work item
+// Activation elements per OpenMP work item; smaller problems run on the calling thread (see
+// fake_quant.cpp's kChunk).
+constexpr int64_t kChunk = 1 << 14;
 constexpr int64_t kRowBlock = 16;    // weight rows transposed together
 
 // NaN has no integer code: its (arbitrary) int8 is replaced by 0 and the caller is
@@ -53,7 +55,7 @@ bool quantize_act_codes(const float* x, int8_t* codes, int64_t n, float scale, Q
   const float offset = static_cast<float>(int8_code_offset(r));
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   int nan_seen = 0;
-#pragma omp parallel for schedule(static) reduction(| : nan_seen)
+#pragma omp parallel for schedule(static) reduction(| : nan_seen) if (chunks > 1)
   for (int64_t k = 0; k < chunks; ++k) {
     const int64_t begin = k * kChunk;
     int32_t unused;
@@ -66,7 +68,7 @@ bool quantize_weight_codes_t(const float* w, const float* scale, int8_t* codes_t
                              int64_t rows, int64_t cols, QRange r) {
   const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
   int nan_seen = 0;
-#pragma omp parallel reduction(| : nan_seen)
+#pragma omp parallel reduction(| : nan_seen) if (rows * cols > kChunk)
   {
     // Rows are quantized contiguously (SIMD) into a small buffer, then transposed.
     std::vector<int8_t> tile(static_cast<size_t>(kRowBlock * cols));
@@ -95,7 +97,7 @@ void int_accum_epilogue(void* acc, int64_t tokens, int64_t channels, float a_sca
     b[c] = bias ? bias[c] : 0.0;
   }
   auto* bytes = static_cast<unsigned char*>(acc);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (tokens * channels > kChunk)
   for (int64_t t = 0; t < tokens; ++t)
     epilogue_row(bytes + 4 * t * channels, base.data(), cs.data(), b.data(), channels);
 }
