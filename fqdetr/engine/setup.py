@@ -89,7 +89,8 @@ def prepare_run(model_path, data_dir, out_dir, image_size=None, batch_size=8, ev
     (load_datasets; ``train_images`` generated when built-in and missing): the model in eval
     mode, datasets, evaluation loaders {"val": the whole val split, "train": its first
     ``eval_images`` images}, criterion, objectives, S, sets (critical_setup, with
-    ``critical_options``: alpha, mode, normalizer) and canvas. Creates ``out_dir``. Errors name the command-line options (--model, --data)."""
+    ``critical_options``: alpha, mode, normalizer) and canvas. Creates ``out_dir``. Errors name
+    the command-line options (--model, --data)."""
     import torch
 
     from fqdetr.data import class_names_of
