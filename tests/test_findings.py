@@ -98,11 +98,13 @@ def tiny_study(tmp_path_factory):
     make_builtin_dataset(root / "data", num_train=16, num_val=4, seed=0)
     args = ["reproduce", "--out", str(root / "out"), "--model", str(root / "model.pth"), "--data", str(root / "data"),
             "--seeds", "0", "--eval-images", "3", "--fisher-images", "4", "--qat-steps", "2", "--bootstrap", "20",
-            "--random-draws", "2", "--hutchinson-probes", "1", "--batch-size", "2", "--modes", "lse,matched"]
+            "--random-draws", "2", "--hutchinson-probes", "1", "--finding1-images", "2", "--batch-size", "2",
+            "--modes", "lse,matched"]
     assert cli_main(args) == 0
     return root / "out", args
 
 
+@pytest.mark.slow
 def test_tiny_reproduce_writes_every_output(tiny_study):
     out, _ = tiny_study
     summary, run = (json.loads(p.read_text()) for p in (out / "summary.json", out / "seed0" / "run.json"))
@@ -123,8 +125,11 @@ def test_tiny_reproduce_writes_every_output(tiny_study):
     assert set(summary["finding1"]) == {"per_category", "per_supercategory"}
     text = (out / "findings.md").read_text()
     assert "Wall time:" in text and "| finding | claim |" in text and "supercategory" in text
+    assert run["finding1"]["images"] == 2 and run["stages"]["fisher"]["runs"] == 1  # 3 traces in one stage
+    assert "| hutchinson | 1 |" in text
 
 
+@pytest.mark.slow
 def test_tiny_reproduce_resumes_from_its_cache(tiny_study, capsys):
     from fqdetr.cli import main as cli_main
 

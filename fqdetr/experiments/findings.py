@@ -58,9 +58,16 @@ def _with_random_mean(arms):
     for key in ("critical", "critical_transformed"):
         val[key] = {k: _mean([d["val"][key][k] for d in draws]) for k in draws[0]["val"].get(key, {})}
     if "bootstrap" in draws[0]["val"]:
-        val["bootstrap"] = {k: np.nanmean([_floats(d["val"]["bootstrap"][k]) for d in draws], axis=0).tolist()
+        val["bootstrap"] = {k: _nanmean([_floats(d["val"]["bootstrap"][k]) for d in draws])
                             for k in draws[0]["val"]["bootstrap"]}
     return {**arms, RANDOM: {"val": val}}
+
+
+def _nanmean(arrays):
+    """Elementwise mean of equal-length arrays over their defined (finite) entries, NaN where none is."""
+    a = np.stack(arrays)
+    n = np.isfinite(a).sum(0)
+    return np.divide(np.nansum(a, 0), n, out=np.full(a.shape[1], np.nan), where=n > 0).tolist()
 
 
 def _mean(values):
