@@ -62,6 +62,7 @@ def _is_quantizer_key(key):
 
 
 def is_quantized_state(sd):
+    """Whether the state dict ``sd`` holds quantizers (a quantized model's state)."""
     return isinstance(sd, dict) and any(_is_quantizer_key(k) for k in sd)
 
 
@@ -106,14 +107,8 @@ def _read_torch_file(path):
         raise ValueError(f"{path}: not a model file fqdetr knows; expected {KINDS_HELP} ({err})") from err
 
 
-def model_kind(path):
-    """"onnx", "packed", "quantized" or "float" for the file at ``path``; ValueError when it is none."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"model not found: {path}")
-    if path.endswith(ONNX_SUFFIX):
-        return "onnx"
-    ckpt = _read_torch_file(path)
+def _kind(path, ckpt):
+    """"packed", "quantized" or "float" for the torch file ``ckpt`` read from ``path``."""
     if isinstance(ckpt.get("header"), str) and "codes" in ckpt:
         return "packed"
     if is_quantized_state(ckpt.get("model", ckpt)):
@@ -123,20 +118,34 @@ def model_kind(path):
     raise ValueError(f"{path}: not a model file fqdetr knows (keys {sorted(ckpt)[:8]}); expected {KINDS_HELP}")
 
 
+def _onnx_or_read(path):
+    """(None, ckpt) for a torch file at ``path``, ("onnx", None) for an .onnx file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model not found: {path}")
+    return ("onnx", None) if path.endswith(ONNX_SUFFIX) else (None, _read_torch_file(path))
+
+
+def model_kind(path):
+    """"onnx", "packed", "quantized" or "float" for the file at ``path``; ValueError when it is none."""
+    kind, ckpt = _onnx_or_read(path)
+    return kind or _kind(path, ckpt)
+
+
 def load_artifact(path):
-    """The Artifact of the file at ``path`` (model_kind says which loader reads it)."""
+    """The Artifact of the file at ``path``, recognised as model_kind says."""
     from fqdetr.export.onnx_runtime import OnnxDetector
     from fqdetr.export.packed import load_packed
     from fqdetr.models import load_detr_checkpoint
 
-    kind = model_kind(path)
+    kind, ckpt = _onnx_or_read(path)
+    kind = kind or _kind(path, ckpt)
     if kind == "onnx":
         detector = OnnxDetector(path)
         return Artifact(kind, detector, detector.metadata)
     if kind == "packed":
         model, metadata = load_packed(path, with_metadata=True)
         return Artifact(kind, model, metadata)
-    ckpt = _read_torch_file(path)
     if kind == "quantized":
         sd = ckpt.get("model", ckpt)
         return Artifact(kind, quantized_from_state(sd, path, config=ckpt.get("args")), checkpoint_metadata(ckpt))
