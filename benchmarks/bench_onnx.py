@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import interleaved, load_line, median_ratios, run_round, warm_up  # noqa: E402
+from bench_e2e import benchmark_interleaved, interleaved, load_line, median_ratios  # noqa: E402
 
 from fqdetr.engine.quantize import quantize_detr  # noqa: E402
 from fqdetr.export import OnnxDetector, export_onnx  # noqa: E402
@@ -112,13 +112,8 @@ if pytest is not None:
         """One round = float, fake quant and onnxruntime once each; reports median ratios over rounds."""
         benchmark.group = f"onnx {case}, one round = {' + '.join(METHODS)}"
         runs = build_case(case, str(tmp_path), torch.get_num_threads())
-        warm_up(runs)
-        times, order = {}, list(runs)
-        benchmark.pedantic(run_round, args=(runs, order, times), rounds=5, iterations=1)
-        ratios = median_ratios(times)
-        benchmark.extra_info.update({f"{m} / float": round(r, 3) for m, r in ratios.items()})
-        benchmark.extra_info["load"] = load_line()
-        interleaved_ratios[f"onnx {case}"] = ratios
+        benchmark_interleaved(benchmark, runs, interleaved_ratios, f"onnx {case}")
+
 
 if __name__ == "__main__":
     sys.exit(main())
