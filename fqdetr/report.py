@@ -11,6 +11,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from fqdetr.evaluation.report import format_ap  # noqa: E402
 from fqdetr.io import atomic_savefig, atomic_write_text, write_json  # noqa: E402
 
+# The demo's picture of float vs 4-bit detections (fqdetr.experiments.demo.draw_comparison),
+# described by results["detections_picture"] {"file", "methods", "score_threshold", "images"}.
+DETECTIONS_PICTURE = "detections.png"
+
 
 def method_table(results):
     """Markdown table of every method in ``results["methods"]``."""
@@ -80,5 +84,10 @@ def write_method_report(results, out_dir):
             f"{cfg['qat_steps']} steps from the Fisher-critical allocation; Fisher over {cfg['fisher_images']} "
             f"training images; seed {cfg['seed']}; {results.get('seconds', 0):.0f} s.\n\n"
             f"{method_table(results)}\n\nAP in percent. ![layers](layers.png) ![groups](groups.png)\n")
+    picture = results.get("detections_picture")
+    if picture:
+        text += (f"\nDetections scoring >= {picture['score_threshold']} (critical classes in red) of "
+                 f"{', '.join(picture['methods'])} on the first {picture['images']} val images: "
+                 f"![detections]({picture['file']})\n")
     atomic_write_text(out_dir / "report.md", text)
     return out_dir / "report.md"

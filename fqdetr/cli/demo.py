@@ -17,8 +17,9 @@ def add_parser(subparsers):
                     "(every shipped one: DETR, and Deformable DETR once shipped; or each --model): "
                     "float eval; uniform 4-bit PTQ; Fisher-overall vs Fisher-critical bit allocations at the "
                     "same average-bit budget; short QAT plain, with Fisher-trace regularisation and with the "
-                    "critical classes up-weighted. Writes OUT/report.md (a section per detector), "
-                    "OUT/results.json and, "
+                    "critical classes up-weighted; a picture of the float, uniform 4-bit and Fisher-critical "
+                    "detections on 4 val images. Writes OUT/report.md (a section per detector), "
+                    "OUT/results.json (with each arm's wall and CPU seconds), detections.png and, "
                     "for several detectors, each one's files in OUT/<checkpoint name>/.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--model", action="append", default=None, metavar="CKPT",
@@ -26,9 +27,13 @@ def add_parser(subparsers):
     p.add_argument("--data", default=DEFAULT_BUILTIN_DIR, help=DATA_HELP)
     p.add_argument("--critical", default="person", help="critical set: a supercategory or category name")
     p.add_argument("--budget", type=positive_float, default=4.0, help="average weight bits of the allocations (default 4)")
-    p.add_argument("--qat-steps", type=positive_int, default=40, help="QAT steps per variant (default 40)")
-    p.add_argument("--fisher-images", type=positive_int, default=48, help="training images for the Fisher traces (48)")
-    p.add_argument("--eval-images", type=positive_int, default=120, help="val (and train-subset) images evaluated (120)")
+    # Their defaults depend on the detector (fqdetr.experiments.demo.DEMO_SIZES), so None here.
+    p.add_argument("--qat-steps", type=positive_int, default=None,
+                   help="QAT steps per variant (default: 40 for DETR, 20 for Deformable DETR)")
+    p.add_argument("--fisher-images", type=positive_int, default=None,
+                   help="training images for the Fisher traces (default: 48 for DETR, 48 for Deformable DETR)")
+    p.add_argument("--eval-images", type=positive_int, default=None,
+                   help="val (and train-subset) images evaluated (default: 120 for DETR, 120 for Deformable DETR)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per batch (default 8)")
     p.add_argument("--reg-lambda", type=non_negative_float, default=0.05, help="Fisher-trace regulariser weight")
     p.add_argument("--upweight", type=positive_float, default=3.0, help="class weight of critical classes (baseline)")

@@ -3,10 +3,12 @@ shipped detectors (DETR, Deformable DETR), in minutes on a CPU.
 
 Float eval; uniform 4-bit PTQ; Fisher-overall vs Fisher-critical allocations at the same
 average-bit budget; short QAT plain / with the Fisher-trace regulariser / with the critical
-classes' loss up-weighted. ``run_demo``: one detector, OUT/results.json, OUT/report.md and PNG
-plots; ``run_demos``: several, each in OUT/<checkpoint name>/, and one OUT/report.md with a
-section per detector.
+classes' loss up-weighted; a picture of the float, uniform and Fisher-critical detections on a
+few val images. ``run_demo``: one detector, OUT/results.json, OUT/report.md, OUT/detections.png
+and PNG plots; ``run_demos``: several, each in OUT/<checkpoint name>/, and one OUT/report.md
+with a section per detector.
 """
+import contextlib
 import copy
 import logging
 import time
@@ -16,25 +18,63 @@ import torch
 
 from fqdetr.allocate import allocate_bits, sensitivities
 from fqdetr.data import class_names_of
+from fqdetr.data.coco import load_image
 from fqdetr.engine.checkpoint import seed_everything
+from fqdetr.engine.evaluate import coco_dataset_of, predict
 from fqdetr.engine.family import family_of
 from fqdetr.engine.loader import make_loader
 from fqdetr.engine.qat import qat, upweighted_criterion
 from fqdetr.engine.quantize import fixed_bounds, layer_weights, quantize_detr
 from fqdetr.engine.setup import checkpoint_geometry, critical_setup, evaluate_splits, load_datasets
 from fqdetr.models import load_detr_checkpoint
-from fqdetr.models.checkpoint import read_checkpoint
-from fqdetr.io import atomic_write_text, write_json
-from fqdetr.report import write_method_report
+from fqdetr.models.checkpoint import checkpoint_family, read_checkpoint
+from fqdetr.io import atomic_write, atomic_write_text, write_json
+from fqdetr.report import DETECTIONS_PICTURE, write_method_report
 from fqdetr.sensitivity import fisher_traces
+from fqdetr.visualize import draw_detections, side_by_side, stacked
 
 log = logging.getLogger(__name__)
+
+# Detections drawn in the picture: those at least this confident, per classification head.
+# DETR's softmax shares each query's mass with the no-object class, so a found object scores
+# near 1; the focal loss trains Deformable DETR's independent sigmoids to lower scores (the best
+# detections of a deformable_tiny after 2 epochs score 0.3-0.37), and 0.5 would hide them all.
+PICTURE_SCORE = {"softmax": 0.5, "sigmoid": 0.3}
+PICTURE_METHODS = ("float", "ptq uniform w4a8", "ptq fisher-critical")
+# The demo's sizes per detector family (fqdetr.models.checkpoint_family), so that both shipped
+# detectors run in the issue's 6 minutes on 2 cores. DETR's are those the README's numbers were
+# measured with. Measured in one process at 1 thread (CPU seconds, batch 8, deformable_tiny vs
+# the shipped DETR): a plain QAT step 0.61 vs 0.73, a regularised one 4.3 vs 5.4, Fisher 0.10 vs
+# 0.12 and a quantized forward 0.034 vs 0.036 per image: the regularised QAT steps are about
+# two thirds of each section. Both at DETR's sizes would be ~650 CPU s, a little over the limit
+# on 2 threads, so Deformable DETR's section runs half the QAT steps (~530 CPU s in all).
+DEMO_SIZES = {"detr": {"qat_steps": 40, "fisher_images": 48, "eval_images": 120},
+              "deformable_detr": {"qat_steps": 20, "fisher_images": 48, "eval_images": 120}}
+
+
+class ArmTimer:
+    """Wall-clock and process CPU seconds of each named arm of the demo, in the order run:
+    ``with timer("fisher overall"): ...``; ``timer.seconds`` {arm: {"wall", "cpu"}}. CPU time
+    counts every thread of the process; on a busy machine both grow (threads waiting for each
+    other spin), so compare arms of one run rather than runs."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, arm):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.seconds[arm] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+            log.info("demo arm %-32s %7.1f s wall %7.1f s cpu", arm, *self.seconds[arm].values())
 
 
 def _data(model_path, data_dir, image_size, eval_images, fisher_images, batch_size, seed):
     """(datasets, evaluation loaders {"val", "train" (its first eval_images)}, Fisher and
-    calibration loader (first fisher_images training images), shuffled QAT loader), every image
-    padded to the model's canvas."""
+    calibration loader (first fisher_images training images), shuffled QAT loader, canvas),
+    every image padded to the model's canvas."""
     image_size, canvas = checkpoint_geometry(model_path, image_size)
     data = load_datasets(data_dir, image_size, max(eval_images, fisher_images, 400), eval_images,
                          class_names=class_names_of(read_checkpoint(model_path)))
@@ -45,63 +85,145 @@ def _data(model_path, data_dir, image_size, eval_images, fisher_images, batch_si
                "train": make_loader(train_subset, batch_size, canvas, shuffle=False)}
     fisher_loader = make_loader(torch.utils.data.Subset(data["train"], range(fisher_images)), batch_size,
                                 canvas, shuffle=False)
-    return data, loaders, fisher_loader, make_loader(data["train"], batch_size, canvas, shuffle=True, seed=seed)
+    qat_loader = make_loader(data["train"], batch_size, canvas, shuffle=True, seed=seed)
+    return data, loaders, fisher_loader, qat_loader, canvas
 
 
-def run_demo(out_dir, model_path, data_dir, critical="person", budget_avg_bits=4.0, qat_steps=40,
-             fisher_images=48, eval_images=120, batch_size=8, reg_lambda=0.05, upweight=3.0, image_size=None,
-             seed=0):
-    """Runs the whole comparison and writes the report; returns the results dict."""
-    seed_everything(seed)
-    start, out_dir = time.time(), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data, loaders, fisher_loader, qat_loader = _data(model_path, data_dir, image_size, eval_images, fisher_images,
-                                                     batch_size, seed)
-    model = load_detr_checkpoint(model_path).eval()
-    criterion, objectives, S, sets = critical_setup(model, data["val"], critical)
-    results = {"config": {"critical": critical, "critical_labels": S, "budget_avg_bits": budget_avg_bits,
-                          "qat_steps": qat_steps, "fisher_images": fisher_images, "seed": seed,
-                          "model": str(model_path), "detector": family_of(model).title}, "methods": {}}
-    results["methods"]["float"] = evaluate_splits(model, loaders, sets)
-    uniform = quantize_detr(model, w_bits=int(budget_avg_bits), calib_loader=fisher_loader)
-    results["methods"]["ptq uniform w4a8"] = evaluate_splits(uniform, loaders, sets)
-    traces = {name: fisher_traces(copy.deepcopy(uniform), fisher_loader, objectives[name], progress=False)
-              for name in ("overall", "critical")}
-    weights, bounds = layer_weights(uniform), fixed_bounds(uniform)
+def _ptq_arms(model, fisher_loader, loaders, objectives, sets, budget_avg_bits, timer):
+    """Uniform PTQ, then Fisher-overall and Fisher-critical allocations at the uniform model's
+    size. Returns ({method: evaluation}, {method: quantized model}, what results.json records of
+    the traces and allocations)."""
+    methods, models = {}, {}
+    with timer("ptq uniform: calibrate"):
+        models["ptq uniform w4a8"] = quantize_detr(model, w_bits=int(budget_avg_bits), calib_loader=fisher_loader)
+    with timer("ptq uniform: eval"):
+        methods["ptq uniform w4a8"] = evaluate_splits(models["ptq uniform w4a8"], loaders, sets)
+    traces = {}
+    for name in ("overall", "critical"):
+        with timer(f"fisher traces {name}"):
+            traces[name] = fisher_traces(copy.deepcopy(models["ptq uniform w4a8"]), fisher_loader, objectives[name],
+                                         progress=False)
+    weights, bounds = layer_weights(models["ptq uniform w4a8"]), fixed_bounds(models["ptq uniform w4a8"])
     sizes = {n: w.numel() for n, w in weights.items()}
     # The size of the uniform model: budget_avg_bits everywhere but the 8-bit first conv and heads,
     # so every allocation is compared at exactly the uniform PTQ model's size.
     allocations = {"uniform": {n: 8 if n in bounds else int(budget_avg_bits) for n in sizes}}
     budget = sum(sizes[n] * b for n, b in allocations["uniform"].items())
     for name in ("overall", "critical"):
+        method = f"ptq fisher-{name}"
         allocations[f"fisher-{name}"] = allocate_bits(sensitivities(weights, traces[name]), sizes, budget,
                                                       bounds=bounds)
-        q = quantize_detr(model, allocation=allocations[f"fisher-{name}"], calib_loader=fisher_loader)
-        results["methods"][f"ptq fisher-{name}"] = evaluate_splits(q, loaders, sets)
-    results.update(traces=traces, allocations=allocations, sizes=sizes,
-                   budget_bits=budget, budget_avg_bits_all_layers=budget / sum(sizes.values()))
-    start_point = quantize_detr(model, allocation=allocations["fisher-critical"], calib_loader=fisher_loader)
-    variants = {"qat": {}, "qat + fisher-trace reg": {"reg_lambda": reg_lambda},
-                "qat + critical up-weighted": {"criterion": upweighted_criterion(criterion, S, upweight)}}
-    for name, opts in variants.items():
+        with timer(f"{method}: calibrate"):
+            models[method] = quantize_detr(model, allocation=allocations[f"fisher-{name}"],
+                                           calib_loader=fisher_loader)
+        with timer(f"{method}: eval"):
+            methods[method] = evaluate_splits(models[method], loaders, sets)
+    record = dict(traces=traces, allocations=allocations, sizes=sizes, budget_bits=budget,
+                  budget_avg_bits_all_layers=budget / sum(sizes.values()))
+    return methods, models, record
+
+
+def _qat_arms(start_point, criterion, objectives, S, qat_loader, loaders, sets, opts, timer):
+    """The three QAT variants from ``start_point`` (each from the same seed); {method: evaluation
+    with "final_loss"}."""
+    variants = {"qat": {}, "qat + fisher-trace reg": {"reg_lambda": opts["reg_lambda"]},
+                "qat + critical up-weighted": {"criterion": upweighted_criterion(criterion, S, opts["upweight"])}}
+    methods = {}
+    for name, variant in variants.items():
         q = copy.deepcopy(start_point)
-        seed_everything(seed)
-        history = qat(q, opts.get("criterion", criterion), qat_loader, qat_steps,
-                      critical_objective=objectives["critical"], reg_lambda=opts.get("reg_lambda", 0.0),
-                      progress=True)
-        results["methods"][name] = evaluate_splits(q, loaders, sets)
-        results["methods"][name]["final_loss"] = history[-1]["loss"] if history else None
-    results["seconds"] = time.time() - start
+        seed_everything(opts["seed"])
+        with timer(f"{name}: {opts['qat_steps']} steps"):
+            history = qat(q, variant.get("criterion", criterion), qat_loader, opts["qat_steps"],
+                          critical_objective=objectives["critical"], reg_lambda=variant.get("reg_lambda", 0.0),
+                          progress=True)
+        with timer(f"{name}: eval"):
+            methods[name] = evaluate_splits(q, loaders, sets)
+        methods[name]["final_loss"] = history[-1]["loss"] if history else None
+    return methods
+
+
+def draw_comparison(models, dataset, canvas, critical_labels, count, path, score_threshold):
+    """Writes to ``path`` a picture of the first ``count`` images of ``dataset``, a row each: every
+    model of ``models`` {title: model} side by side, its detections scoring >= score_threshold
+    drawn on the original image (critical classes in their own colour). Returns ``path``."""
+    subset = torch.utils.data.Subset(dataset, range(min(count, len(dataset))))
+    coco = coco_dataset_of(subset)
+    loader = make_loader(subset, len(subset), canvas, shuffle=False)
+    predictions = {title: predict(m, loader)[:2] for title, m in models.items()}
+    rows = []
+    for i, image_id in enumerate(next(iter(predictions.values()))[1]):
+        image = load_image(coco.image_path(image_id))
+        drawn = [draw_detections(image, p[i]["boxes"], p[i]["labels"], p[i]["scores"], coco.label_names,
+                                 critical_labels=critical_labels, score_threshold=score_threshold)
+                 for p, _ in predictions.values()]
+        rows.append(side_by_side(drawn, list(predictions)))
+    picture = stacked(rows)
+    atomic_write(path, lambda f: picture.save(f, format="PNG"))
+    return path
+
+
+def _picture(models, dataset, canvas, critical_labels, count, out_dir):
+    """OUT/detections.png of PICTURE_METHODS (``models`` {method: model}) on the first ``count``
+    images of ``dataset``; returns what results.json records of it."""
+    threshold = PICTURE_SCORE[family_of(models["float"]).head]
+    draw_comparison({m: models[m] for m in PICTURE_METHODS}, dataset, canvas, critical_labels, count,
+                    Path(out_dir) / DETECTIONS_PICTURE, threshold)
+    return {"file": DETECTIONS_PICTURE, "methods": list(PICTURE_METHODS), "score_threshold": threshold,
+            "images": min(count, len(dataset))}
+
+
+def demo_sizes(model_path, qat_steps=None, fisher_images=None, eval_images=None):
+    """{"qat_steps", "fisher_images", "eval_images"}: each the value given, else (None) the one
+    DEMO_SIZES gives the checkpoint's family."""
+    given = {"qat_steps": qat_steps, "fisher_images": fisher_images, "eval_images": eval_images}
+    family_sizes = DEMO_SIZES[checkpoint_family(read_checkpoint(model_path)["model"])]
+    return {k: family_sizes[k] if v is None else v for k, v in given.items()}
+
+
+def run_demo(out_dir, model_path, data_dir, critical="person", budget_avg_bits=4.0, qat_steps=None,
+             fisher_images=None, eval_images=None, batch_size=8, reg_lambda=0.05, upweight=3.0, image_size=None,
+             seed=0, pictures=4):
+    """Runs the whole comparison and writes the report; returns the results dict (its
+    "timings": each arm's wall and CPU seconds). qat_steps, fisher_images, eval_images: None
+    takes the family's DEMO_SIZES. ``pictures``: val images in detections.png (0: no picture)."""
+    sizes = demo_sizes(model_path, qat_steps=qat_steps, fisher_images=fisher_images, eval_images=eval_images)
+    qat_steps, fisher_images, eval_images = sizes["qat_steps"], sizes["fisher_images"], sizes["eval_images"]
+    seed_everything(seed)
+    start, out_dir, timer = time.time(), Path(out_dir), ArmTimer()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with timer("data"):
+        data, loaders, fisher_loader, qat_loader, canvas = _data(model_path, data_dir, image_size, eval_images,
+                                                                 fisher_images, batch_size, seed)
+    model = load_detr_checkpoint(model_path).eval()
+    criterion, objectives, S, sets = critical_setup(model, data["val"], critical)
+    results = {"config": {"critical": critical, "critical_labels": S, "budget_avg_bits": budget_avg_bits,
+                          "qat_steps": qat_steps, "fisher_images": fisher_images, "eval_images": eval_images,
+                          "seed": seed, "model": str(model_path), "detector": family_of(model).title},
+               "methods": {}}
+    with timer("float: eval"):
+        results["methods"]["float"] = evaluate_splits(model, loaders, sets)
+    methods, models, record = _ptq_arms(model, fisher_loader, loaders, objectives, sets, budget_avg_bits, timer)
+    results["methods"].update(methods)
+    results.update(record)
+    if pictures:
+        with timer("detections picture"):
+            results["detections_picture"] = _picture(dict(models, float=model), data["val"], canvas, S, pictures,
+                                                     out_dir)
+    with timer("qat start point: calibrate"):
+        start_point = quantize_detr(model, allocation=record["allocations"]["fisher-critical"],
+                                    calib_loader=fisher_loader)
+    results["methods"].update(_qat_arms(start_point, criterion, objectives, S, qat_loader, loaders, sets,
+                                        dict(qat_steps=qat_steps, reg_lambda=reg_lambda, upweight=upweight,
+                                             seed=seed), timer))
+    results["seconds"], results["timings"] = time.time() - start, timer.seconds
     write_method_report(results, out_dir)
     log.info("demo finished in %.0f s; report in %s", results["seconds"], out_dir / "report.md")
     return results
-
-
 def _section(name, results, report_path):
     """The per-model report as a section of the combined one: its title a level down, its
     plots linked through the model's folder."""
     body = Path(report_path).read_text().split("\n", 1)[1]
-    for plot in ("layers.png", "groups.png"):
+    for plot in ("layers.png", "groups.png", DETECTIONS_PICTURE):
         body = body.replace(f"]({plot})", f"]({name}/{plot})")
     return f"## {results['config']['detector']}: `{name}`\n{body}"
 
