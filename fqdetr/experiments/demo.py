@@ -8,7 +8,6 @@ few val images. ``run_demo``: one detector, OUT/results.json, OUT/report.md, OUT
 and PNG plots; ``run_demos``: several, each in OUT/<checkpoint name>/, and one OUT/report.md
 with a section per detector.
 """
-import contextlib
 import copy
 import logging
 import time
@@ -26,6 +25,7 @@ from fqdetr.engine.loader import make_loader
 from fqdetr.engine.qat import qat, upweighted_criterion
 from fqdetr.engine.quantize import fixed_bounds, layer_weights, quantize_detr
 from fqdetr.engine.setup import checkpoint_geometry, critical_setup, evaluate_splits, load_datasets
+from fqdetr.experiments.stopwatch import Stopwatch
 from fqdetr.models import load_detr_checkpoint
 from fqdetr.models.checkpoint import checkpoint_family, read_checkpoint
 from fqdetr.io import atomic_write, atomic_write_text, write_json
@@ -52,25 +52,6 @@ DEMO_SIZES = {"detr": {"qat_steps": 40, "fisher_images": 48, "eval_images": 120}
               "deformable_detr": {"qat_steps": 20, "fisher_images": 48, "eval_images": 120}}
 
 
-class ArmTimer:
-    """Wall-clock and process CPU seconds of each named arm of the demo, in the order run:
-    ``with timer("fisher overall"): ...``; ``timer.seconds`` {arm: {"wall", "cpu"}}. CPU time
-    counts every thread of the process; on a busy machine both grow (threads waiting for each
-    other spin), so compare arms of one run rather than runs."""
-
-    def __init__(self):
-        self.seconds = {}
-
-    @contextlib.contextmanager
-    def __call__(self, arm):
-        wall, cpu = time.perf_counter(), time.process_time()
-        try:
-            yield
-        finally:
-            self.seconds[arm] = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
-            log.info("demo arm %-32s %7.1f s wall %7.1f s cpu", arm, *self.seconds[arm].values())
-
-
 def _data(model_path, data_dir, image_size, eval_images, fisher_images, batch_size, seed):
     """(datasets, evaluation loaders {"val", "train" (its first eval_images)}, Fisher and
     calibration loader (first fisher_images training images), shuffled QAT loader, canvas),
@@ -94,13 +75,13 @@ def _ptq_arms(model, fisher_loader, loaders, objectives, sets, budget_avg_bits, 
     size. Returns ({method: evaluation}, {method: quantized model}, what results.json records of
     the traces and allocations)."""
     methods, models = {}, {}
-    with timer("ptq uniform: calibrate"):
+    with timer.stage("ptq uniform: calibrate"):
         models["ptq uniform w4a8"] = quantize_detr(model, w_bits=int(budget_avg_bits), calib_loader=fisher_loader)
-    with timer("ptq uniform: eval"):
+    with timer.stage("ptq uniform: eval"):
         methods["ptq uniform w4a8"] = evaluate_splits(models["ptq uniform w4a8"], loaders, sets)
     traces = {}
     for name in ("overall", "critical"):
-        with timer(f"fisher traces {name}"):
+        with timer.stage(f"fisher traces {name}"):
             traces[name] = fisher_traces(copy.deepcopy(models["ptq uniform w4a8"]), fisher_loader, objectives[name],
                                          progress=False)
     weights, bounds = layer_weights(models["ptq uniform w4a8"]), fixed_bounds(models["ptq uniform w4a8"])
@@ -113,10 +94,10 @@ def _ptq_arms(model, fisher_loader, loaders, objectives, sets, budget_avg_bits, 
         method = f"ptq fisher-{name}"
         allocations[f"fisher-{name}"] = allocate_bits(sensitivities(weights, traces[name]), sizes, budget,
                                                       bounds=bounds)
-        with timer(f"{method}: calibrate"):
+        with timer.stage(f"{method}: calibrate"):
             models[method] = quantize_detr(model, allocation=allocations[f"fisher-{name}"],
                                            calib_loader=fisher_loader)
-        with timer(f"{method}: eval"):
+        with timer.stage(f"{method}: eval"):
             methods[method] = evaluate_splits(models[method], loaders, sets)
     record = dict(traces=traces, allocations=allocations, sizes=sizes, budget_bits=budget,
                   budget_avg_bits_all_layers=budget / sum(sizes.values()))
@@ -132,11 +113,11 @@ def _qat_arms(start_point, criterion, objectives, S, qat_loader, loaders, sets, 
     for name, variant in variants.items():
         q = copy.deepcopy(start_point)
         seed_everything(opts["seed"])
-        with timer(f"{name}: {opts['qat_steps']} steps"):
+        with timer.stage(f"{name}: {opts['qat_steps']} steps"):
             history = qat(q, variant.get("criterion", criterion), qat_loader, opts["qat_steps"],
                           critical_objective=objectives["critical"], reg_lambda=variant.get("reg_lambda", 0.0),
                           progress=True)
-        with timer(f"{name}: eval"):
+        with timer.stage(f"{name}: eval"):
             methods[name] = evaluate_splits(q, loaders, sets)
         methods[name]["final_loss"] = history[-1]["loss"] if history else None
     return methods
@@ -189,9 +170,9 @@ def run_demo(out_dir, model_path, data_dir, critical="person", budget_avg_bits=4
     sizes = demo_sizes(model_path, qat_steps=qat_steps, fisher_images=fisher_images, eval_images=eval_images)
     qat_steps, fisher_images, eval_images = sizes["qat_steps"], sizes["fisher_images"], sizes["eval_images"]
     seed_everything(seed)
-    start, out_dir, timer = time.time(), Path(out_dir), ArmTimer()
+    start, out_dir, timer = time.time(), Path(out_dir), Stopwatch()
     out_dir.mkdir(parents=True, exist_ok=True)
-    with timer("data"):
+    with timer.stage("data"):
         data, loaders, fisher_loader, qat_loader, canvas = _data(model_path, data_dir, image_size, eval_images,
                                                                  fisher_images, batch_size, seed)
     model = load_detr_checkpoint(model_path).eval()
@@ -200,22 +181,22 @@ def run_demo(out_dir, model_path, data_dir, critical="person", budget_avg_bits=4
                           "qat_steps": qat_steps, "fisher_images": fisher_images, "eval_images": eval_images,
                           "seed": seed, "model": str(model_path), "detector": family_of(model).title},
                "methods": {}}
-    with timer("float: eval"):
+    with timer.stage("float: eval"):
         results["methods"]["float"] = evaluate_splits(model, loaders, sets)
     methods, models, record = _ptq_arms(model, fisher_loader, loaders, objectives, sets, budget_avg_bits, timer)
     results["methods"].update(methods)
     results.update(record)
     if pictures:
-        with timer("detections picture"):
+        with timer.stage("detections picture"):
             results["detections_picture"] = _picture(dict(models, float=model), data["val"], canvas, S, pictures,
                                                      out_dir)
-    with timer("qat start point: calibrate"):
+    with timer.stage("qat start point: calibrate"):
         start_point = quantize_detr(model, allocation=record["allocations"]["fisher-critical"],
                                     calib_loader=fisher_loader)
     results["methods"].update(_qat_arms(start_point, criterion, objectives, S, qat_loader, loaders, sets,
                                         dict(qat_steps=qat_steps, reg_lambda=reg_lambda, upweight=upweight,
                                              seed=seed), timer))
-    results["seconds"], results["timings"] = time.time() - start, timer.seconds
+    results["seconds"], results["timings"] = time.time() - start, timer.stages
     write_method_report(results, out_dir)
     log.info("demo finished in %.0f s; report in %s", results["seconds"], out_dir / "report.md")
     return results

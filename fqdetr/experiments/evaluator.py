@@ -6,8 +6,6 @@ category) and every resample's AP comes from its per-image matches. Critical AP 
 T_S-transformed predictions (docs/METHOD.md section 1.5) is one more COCOeval of the critical
 set's transformed detections (a point value, no bootstrap).
 """
-import contextlib
-import time
 
 import torch
 
@@ -17,26 +15,8 @@ from fqdetr.engine.loader import make_loader
 from fqdetr.evaluation.cocoeval import evaluate_images, load_detections, resolve_critical_sets
 from fqdetr.evaluation.transformed import evaluate_critical_transformed
 from fqdetr.data.coco import load_coco
+from fqdetr.experiments.stopwatch import Stopwatch
 from fqdetr.stats import MatchTable, bootstrap_weights, mean_precision, weighted_ap
-
-
-class Stopwatch:
-    """Wall and CPU seconds (all threads) per named stage, summed over its runs: what a study's
-    runtime estimate scales up from a small run."""
-
-    def __init__(self):
-        self.stages = {}
-
-    @contextlib.contextmanager
-    def stage(self, name):
-        wall, cpu = time.time(), time.process_time()
-        try:
-            yield
-        finally:
-            s = self.stages.setdefault(name, {"wall": 0.0, "cpu": 0.0, "runs": 0})
-            s["wall"] += time.time() - wall
-            s["cpu"] += time.process_time() - cpu
-            s["runs"] += 1
 
 
 def restricted_gt(coco, image_ids):

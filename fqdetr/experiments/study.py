@@ -27,7 +27,8 @@ from fqdetr.engine.loader import make_loader
 from fqdetr.engine.qat import qat, upweighted_criterion
 from fqdetr.engine.quantize import fixed_bounds, layer_weights, quantize_detr
 from fqdetr.engine.setup import checkpoint_geometry, critical_setup, load_datasets
-from fqdetr.experiments.evaluator import SplitEvaluator, Stopwatch
+from fqdetr.experiments.evaluator import SplitEvaluator
+from fqdetr.experiments.stopwatch import Stopwatch
 from fqdetr.experiments.sensitivity_study import mode_objectives, sensitivity_vs_drop
 from fqdetr.models import load_detr_checkpoint
 from fqdetr.models.checkpoint import read_checkpoint
