@@ -174,12 +174,19 @@ def test_deformable_detr_exports_with_grid_sample_dynamic_batch_and_image_size(t
         assert_parity(detector((images, mask)), expected)
 
 
-SHIPPED = Path(__file__).resolve().parent.parent / "models" / "detr_tiny_builtin.pth"
+MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
+# min_ap says the model is a working detector, so that the comparison means something (the
+# shipped Deformable DETR is still short of the DETR: models/README.md). max_gap is the issue's
+# 0.002 for DETR; the shipped Deformable DETR measured 0.0030 (torch 0.1956, onnxruntime 0.1926,
+# 2026-12-05), above that target: its bound of 0.004 catches a regression while the gap is open
+# (issue 15's note says where it stands).
 @pytest.mark.slow
-def test_shipped_model_map_matches_through_onnxruntime(tmp_path):
-    """mAP of the W4A8 shipped model on 120 generated val images: onnxruntime within 0.2 AP
+@pytest.mark.parametrize("shipped, min_ap, max_gap", [("detr_tiny_builtin.pth", 0.3, 0.002),
+                                                      ("deformable_tiny_builtin.pth", 0.15, 0.004)])
+def test_shipped_model_map_matches_through_onnxruntime(tmp_path, shipped, min_ap, max_gap):
+    """mAP of each W4A8 shipped model on 120 generated val images: onnxruntime within 0.2 AP
     point (0.002) of torch, the issue's target.
 
     Measured (2026-12-05): torch AP 0.3695 / AP50 0.6717, onnxruntime 0.3713 / 0.6720, 0.0018
@@ -190,14 +197,15 @@ def test_shipped_model_map_matches_through_onnxruntime(tmp_path):
     images the AP difference was 0.0022, and torch alone moved 0.011 there with 1e-6 of pixel
     noise, so fewer images than this do not resolve the target."""
     make_builtin_dataset(tmp_path / "data", num_train=0, num_val=120, image_size=128, seed=0)
-    size, canvas = checkpoint_geometry(SHIPPED)
+    path = MODELS / shipped
+    size, canvas = checkpoint_geometry(path)
     val = CocoDetection(*builtin_paths(tmp_path / "data", "val"),
                         transforms=make_transforms("val", scales=(size,), max_size=max_size_for(size)))
     loader = make_loader(val, 8, canvas, shuffle=False)
-    qmodel = quantize_detr(load_detr_checkpoint(SHIPPED), w_bits=4, calib_loader=loader, calib_batches=1).eval()
+    qmodel = quantize_detr(load_detr_checkpoint(path), w_bits=4, calib_loader=loader, calib_batches=1).eval()
     export_onnx(qmodel, tmp_path / "shipped.onnx", example_size=(canvas, canvas))
     torch_ap = evaluate_model(qmodel, loader)["result"]["overall"]
     onnx_ap = evaluate_onnx(tmp_path / "shipped.onnx", loader)["result"]["overall"]
-    assert torch_ap["AP"] > 0.3  # a working detector, so that the comparison means something
-    assert abs(onnx_ap["AP"] - torch_ap["AP"]) < 0.002
+    assert torch_ap["AP"] > min_ap
+    assert abs(onnx_ap["AP"] - torch_ap["AP"]) < max_gap
     assert abs(onnx_ap["AP50"] - torch_ap["AP50"]) < 0.01
