@@ -9,8 +9,8 @@ time in the same round; medians over rounds: bench_e2e's protocol).
                activations), onnxruntime's CPU provider with as many threads as torch
 
 W4A8 with the family's 8-bit first conv and heads (fqdetr.engine.quantize.quantize_detr),
-activation scales calibrated on the batch. Cases: the shipped tiny DETR on its 200 px canvas
-at batch 1 and 4; with --cases r50 deformable (FQ_BENCH_R50=1 under pytest) DETR-R50 and
+activation scales calibrated on the batch. Cases: the shipped tiny DETR and tiny Deformable
+DETR on their 200 px canvas at batch 1 and 4; with --cases r50 deformable (FQ_BENCH_R50=1 under pytest) DETR-R50 and
 Deformable DETR R50 with random weights at batch 1, 512x672.
 
 Run:  python benchmarks/bench_onnx.py [--cases tiny r50 deformable] [--threads 1] [--rounds 5]
@@ -35,21 +35,26 @@ from fqdetr.export import OnnxDetector, export_onnx  # noqa: E402
 from fqdetr.models import build_deformable_detr, build_detr, load_detr_checkpoint  # noqa: E402
 from fqdetr.quant import calibrate  # noqa: E402
 
-SHIPPED = Path(__file__).resolve().parent.parent / "fqdetr" / "shipped_models" / "detr_tiny_builtin.pth"
+SHIPPED = Path(__file__).resolve().parent.parent / "fqdetr" / "shipped_models"
 CASES = {  # name: (batch, height, width)
     "tiny DETR B=1": (1, 200, 200),
     "tiny DETR B=4": (4, 200, 200),
+    "tiny Deformable DETR B=1": (1, 200, 200),
+    "tiny Deformable DETR B=4": (4, 200, 200),
     "DETR-R50 B=1": (1, 512, 672),
     "Deformable R50 B=1": (1, 512, 672),
 }
-CASE_OPTIONS = {"tiny": ["tiny DETR B=1", "tiny DETR B=4"], "r50": ["DETR-R50 B=1"],
+CASE_OPTIONS = {"tiny": ["tiny DETR B=1", "tiny DETR B=4", "tiny Deformable DETR B=1", "tiny Deformable DETR B=4"],
+                "r50": ["DETR-R50 B=1"],
                 "deformable": ["Deformable R50 B=1"]}
 METHODS = ("float", "fake quant", "onnxruntime")
 
 
 def _float_model(case):
+    if case.startswith("tiny Deformable"):
+        return load_detr_checkpoint(SHIPPED / "deformable_tiny_builtin.pth")
     if case.startswith("tiny"):
-        return load_detr_checkpoint(SHIPPED)
+        return load_detr_checkpoint(SHIPPED / "detr_tiny_builtin.pth")
     if case.startswith("DETR-R50"):
         return build_detr("r50", num_classes=91, dropout=0.0)
     return build_deformable_detr("deformable_r50", num_classes=91, dropout=0.0)
