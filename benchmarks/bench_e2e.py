@@ -282,6 +282,7 @@ def median_ratios(times, floor="float"):
 
 
 CATEGORIES = (  # (category, substrings of profiler op names), the first match wins
+    ("deformable sampling", ("grid_sampler",)),  # issue 13: does a compiled kernel pay?
     ("convolutions", ("conv", "qconv")),
     ("linears and matmuls", ("addmm", "aten::mm", "bmm", "_int_mm", "quant_linear", "quant_matmul", "linear")),
     ("quantizers", ("fake_quant", "fake_quantize", "quant_act", "quant_weight")),

@@ -136,10 +136,17 @@ def _interval(point, low, high):
     return {"diff": float(point), "low": float(low), "high": float(high), "holds": bool(low > 0 or high < 0)}
 
 
-def seed_interval(values, level=0.95):
+def seed_interval(values, image_samples=None, level=0.95):
     """Mean over seeds and its Student-t interval, {"diff" (the mean), "low", "high", "holds",
     "n", "std"}; undefined values (None, NaN) are left out; n = 1 gives a zero-width interval
-    and n = 0 Nones."""
+    and n = 0 Nones.
+
+    ``image_samples`` [resamples] (optional): the seed-mean difference on each bootstrap resample
+    of the val images (the same resamples for every seed). The seeds share one val set, so their
+    spread holds no val-image sampling noise; that noise is added as the bootstrap variance of
+    the seed mean: half-width t(n-1) * sqrt(std^2 / n + var(image_samples)) ("std_images" is its
+    square root). Without it the interval treats the val set as fixed.
+    """
     v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=float)
     if not len(v):
         return {"diff": None, "low": None, "high": None, "holds": False, "n": 0, "std": None}
@@ -147,8 +154,51 @@ def seed_interval(values, level=0.95):
     if len(v) == 1:
         return {**_interval(mean, mean, mean), "holds": False, "n": 1, "std": 0.0}
     std = float(v.std(ddof=1))
-    half = float(student_t.ppf((1 + level) / 2, len(v) - 1)) * std / math.sqrt(len(v))
-    return {**_interval(mean, mean - half, mean + half), "n": len(v), "std": std}
+    var = std ** 2 / len(v)
+    extra = {}
+    if image_samples is not None:
+        d = np.asarray(image_samples, dtype=float)
+        d = d[np.isfinite(d)]
+        if len(d) < 2:
+            raise ValueError(f"image_samples: expected >= 2 finite resamples, got {len(d)}")
+        extra["std_images"] = float(d.std(ddof=1))
+        var += extra["std_images"] ** 2
+    half = float(student_t.ppf((1 + level) / 2, len(v) - 1)) * math.sqrt(var)
+    return {**_interval(mean, mean - half, mean + half), "n": len(v), "std": std, **extra}
+
+
+def _centered_ranks(x):
+    """Average ranks of ``x`` [n], centred and scaled to unit norm (Spearman's rho of two such
+    vectors is their dot product)."""
+    r = rankdata(x)
+    return (r - r.mean()) / np.linalg.norm(r - r.mean())
+
+
+def pooled_permutation_pvalue(pairs, permutations=10000, seed=0):
+    """Two-sided p-value of the mean Spearman's rho over several (x, y) samples (one per seed),
+    under random pairing within every sample independently: the share of draws whose mean rho
+    is at least as far from 0 as the observed one ((1 + hits) / (1 + permutations), the observed
+    pairing counted). With few groups per seed (4 supercategories: p >= 2/24 per seed) this is
+    the test that can still reject over seeds. Samples with an undefined rho are left out.
+    Returns (mean rho, p), or (None, None) when no sample has a defined rho."""
+    ranks = []
+    for x, y in pairs:
+        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        if x.shape != y.shape or x.ndim != 1:
+            raise ValueError(f"pairs: expected (x, y) 1-D arrays of one length, got {x.shape} and {y.shape}")
+        if len(x) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
+            ranks.append((_centered_ranks(x), _centered_ranks(y)))
+    if not ranks:
+        return None, None
+    observed = float(np.mean([rx @ ry for rx, ry in ranks]))
+    rng = np.random.default_rng(seed)
+    draws = np.zeros(permutations)
+    for rx, ry in ranks:
+        perms = np.argsort(rng.random((permutations, len(rx))), axis=1)
+        draws += ry[perms] @ rx
+    draws /= len(ranks)
+    hits = int(np.count_nonzero(np.abs(draws) >= abs(observed) - 1e-12))
+    return observed, (1 + hits) / (1 + permutations)
 
 
 def permutation_pvalue(x, y, permutations=10000, seed=0):
@@ -161,8 +211,7 @@ def permutation_pvalue(x, y, permutations=10000, seed=0):
         raise ValueError(f"x, y: expected two 1-D arrays of one length, got {x.shape} and {y.shape}")
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return None, None
-    rx, ry = rankdata(x), rankdata(y)  # Spearman's rho is Pearson's r of the (average) ranks
-    rx, ry = (rx - rx.mean()) / np.linalg.norm(rx - rx.mean()), (ry - ry.mean()) / np.linalg.norm(ry - ry.mean())
+    rx, ry = _centered_ranks(x), _centered_ranks(y)
     rho = float(rx @ ry)
     if math.factorial(len(x)) <= permutations:
         perms = np.array(list(itertools.permutations(range(len(x)))))

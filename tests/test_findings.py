@@ -25,9 +25,12 @@ def _run(seed, val, train, spread=0.005):
     arms = {a: {"val": _split(v, rng, spread)} for a, v in val.items()}
     for a, v in train.items():
         arms[a]["train"] = _split(v, rng, spread)
-    rows = [{"fisher_trace": 1.0, "drop": 0.1}]
-    f1 = {"mode": "matched", "w_bits": 3, "images": 200, "per_category": {"spearman": 0.5 + 0.1 * seed, "p_value": 0.01, "n": 16},
-          "per_supercategory": {"spearman": None, "p_value": None, "n": 4, "rows": rows}}
+    drops = np.arange(16.0)
+    drops[[seed, seed + 1]] = drops[[seed + 1, seed]]  # rho just below 1, a little different per seed
+    categories = [{"fisher_trace": float(k), "drop": float(d)} for k, d in enumerate(drops)]
+    f1 = {"mode": "matched", "w_bits": 3, "images": 200,
+          "per_category": {"spearman": 0.5 + 0.1 * seed, "p_value": 0.01, "n": 16, "rows": categories},
+          "per_supercategory": {"spearman": None, "p_value": None, "n": 4, "rows": [{"fisher_trace": 1.0, "drop": 0.1}]}}
     return {"seed": seed, "arms": arms, "finding1": f1, "model": "m.pth", "detector": "DETR", "num_params": 1,
             "num_classes": 16, "traces_from": "the uniform PTQ model", "qat_start": "ptq fisher-critical-lse",
             "val_images": 500, "fisher_images": 200, "avg_bits_all_layers": 4.05, "seconds": 60.0,
@@ -64,6 +67,18 @@ def test_verdicts_follow_the_intervals():
     text = render_findings(s)
     assert "| ptq fisher-critical-lse | 40.2 [" in text and "| yes |" in text
     assert "Wall time: 0.0 min for this call (per seed, when run: 1.0, 1.0, 1.0 min)" in text
+
+
+def test_equal_small_rhos_over_seeds_do_not_make_finding1_hold():
+    """4 supercategories with rho 0.2 in every seed: the t interval has zero width above 0, but
+    the pooled permutation test (p ~ 0.7) says such rhos are what random pairings give."""
+    runs = [_run(s, *_values()) for s in range(3)]
+    for r in runs:
+        r["finding1"]["per_supercategory"] = {"spearman": 0.2, "p_value": 0.92, "n": 4, "rows": [
+            {"fisher_trace": float(t), "drop": float(d)} for t, d in zip([1, 2, 3, 4], [1, 4, 3, 2])]}
+    f = summarize(runs, CFG)["finding1"]["per_supercategory"]
+    assert f["spearman"]["low"] == pytest.approx(0.2) and f["pooled_p"] > 0.3 and not f["holds"]
+    assert summarize(runs, CFG)["finding1"]["per_category"]["pooled_p"] < 0.001
 
 
 def test_a_difference_inside_the_noise_does_not_hold():

@@ -5,7 +5,7 @@ import pytest
 from fqdetr.data import builtin_paths, load_coco, make_builtin_dataset
 from fqdetr.evaluation.cocoeval import evaluate_images, load_detections, run_cocoeval
 from fqdetr.stats import (MatchTable, bootstrap_ap, bootstrap_weights, paired_interval, permutation_pvalue,
-                          seed_interval, weighted_ap)
+                          pooled_permutation_pvalue, seed_interval, weighted_ap)
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +160,37 @@ def test_seed_interval_is_a_t_interval():
     assert r["low"] == pytest.approx(2 - half) and r["high"] == pytest.approx(2 + half) and not r["holds"]
     assert seed_interval([0.5, 0.6, 0.55])["holds"]
     assert seed_interval([])["diff"] is None
+
+
+def test_seed_interval_adds_the_val_images_variance_by_hand():
+    # seeds 1, 2, 3: std 1; image resamples of the seed mean 1.5, 2.5 (std sqrt(0.5))
+    r = seed_interval([1.0, 2.0, 3.0], image_samples=[1.5, 2.5, np.nan])
+    half = 4.302652729911275 * np.sqrt(1 / 3 + 0.5)
+    assert r["std_images"] == pytest.approx(np.sqrt(0.5))
+    assert r["low"] == pytest.approx(2 - half) and r["high"] == pytest.approx(2 + half)
+    # equal seeds no longer give a zero-width interval when the val images vary
+    r = seed_interval([0.2, 0.2, 0.2], image_samples=[0.0, 0.4])
+    assert r["low"] < 0 < r["high"] and not r["holds"]
+    with pytest.raises(ValueError, match="image_samples"):
+        seed_interval([1.0, 2.0], image_samples=[np.nan, 1.0])
+
+
+def test_pooled_permutation_pvalue_by_hand():
+    # two seeds, 4 groups each, both perfectly ranked: |mean rho| >= 1 only when both draws give
+    # rho = 1 or both -1, so p = 2 / 24^2 = 1/288; Monte Carlo with 40000 draws: sd ~ 0.0003
+    up = ([1, 2, 3, 4], [10, 20, 30, 40])
+    rho, p = pooled_permutation_pvalue([up, up], permutations=40000)
+    assert rho == pytest.approx(1.0) and p == pytest.approx(1 / 288, abs=0.0012)
+    # seeds that disagree cancel: mean rho 0, p 1
+    rho, p = pooled_permutation_pvalue([up, ([1, 2, 3, 4], [40, 30, 20, 10])], permutations=2000)
+    assert rho == pytest.approx(0.0) and p == 1.0
+    # one seed: the Monte Carlo estimate of that seed's exact p (8/24, rho 0.8)
+    rho, p = pooled_permutation_pvalue([([1, 2, 3, 4], [1, 3, 2, 4])], permutations=40000)
+    assert rho == pytest.approx(0.8) and p == pytest.approx(8 / 24, abs=0.01)
+    # undefined rhos are left out
+    assert pooled_permutation_pvalue([([1, 2, 3], [5, 5, 5])]) == (None, None)
+    with pytest.raises(ValueError, match="pairs"):
+        pooled_permutation_pvalue([([1, 2, 3], [1, 2])])
 
 
 def test_permutation_pvalue_by_hand():

@@ -1,8 +1,9 @@
 """The findings study (docs/METHOD.md section 6): every seed's arms (fqdetr.experiments.study),
 each reported difference with its paired bootstrap interval over val images and, across seeds,
-a Student-t interval of the per-seed differences; a finding holds only when its interval
-excludes zero in the claimed direction (the across-seed interval with two or more seeds, the
-bootstrap interval with one).
+a Student-t interval of the per-seed differences widened by the val images' bootstrap variance
+(fqdetr.stats.seed_interval); a finding holds only when its interval excludes zero in the
+claimed direction (the across-seed interval with two or more seeds, the bootstrap interval with
+one). Finding 1 holds when the pooled permutation p-value of the mean rho is below 0.05.
 
 Per-seed results are cached in OUT/seed<k>/run.json (an interrupted study resumes; a cache
 written under other settings is an error, not silently mixed in).
@@ -18,7 +19,7 @@ from fqdetr.experiments.findings_report import render_finding5, render_findings
 from fqdetr.experiments.scaling import finding5
 from fqdetr.experiments.study import StudyConfig, run_seed
 from fqdetr.io import atomic_write_text, write_json
-from fqdetr.stats import paired_interval, seed_interval
+from fqdetr.stats import paired_interval, pooled_permutation_pvalue, seed_interval
 
 log = logging.getLogger(__name__)
 
@@ -109,17 +110,20 @@ def compare(runs, critical, comparison):
     """One comparison over the runs: per seed the point difference and its paired bootstrap
     interval, across seeds the t interval, and the verdict."""
     finding, claim, metric, a, b, direction, margin = comparison
-    per_seed = []
+    per_seed, resampled = [], []
     for run in runs:
         arms = _with_random_mean(run["arms"])
         (pa, sa), (pb, sb) = _metric(arms[a], metric, critical), _metric(arms[b], metric, critical)
         if sa is not None and sb is not None:
             r = paired_interval(sa, sb, pa, pb)
+            resampled.append(sa - sb)
         else:
             diff = None if pa is None or pb is None else pa - pb
             r = {"diff": diff, "low": None, "high": None, "holds": False}
         per_seed.append({"seed": run["seed"], **r})
-    across = seed_interval([r["diff"] for r in per_seed])
+    # every seed resampled the same val images (study.BOOTSTRAP_SEED): the seed mean per resample
+    images = _nanmean(resampled) if len(resampled) == len(runs) and len(runs) > 1 else None
+    across = seed_interval([r["diff"] for r in per_seed], image_samples=images)
     decisive = across if len(runs) > 1 else per_seed[0]
     return {"finding": finding, "claim": claim, "metric": metric, "a": a, "b": b, "direction": direction,
             "margin": margin, "per_seed": per_seed, "across_seeds": across,
@@ -141,18 +145,22 @@ def arm_table(runs, critical):
     return table
 
 
-def finding1_summary(runs):
+def finding1_summary(runs, permutations=10000):
     """Per grouping (category, supercategory): rho across seeds (t interval), the per-seed
-    permutation p-values; holds when rho > 0 is established (the across-seed interval above 0;
-    with one seed, its p < 0.05 and rho > 0)."""
+    permutation p-values and the pooled one of the mean rho (fqdetr.stats.pooled_permutation_pvalue;
+    with one seed, that seed's test); holds when the mean rho > 0 with pooled p < 0.05. (With 4
+    supercategories every seed's rho is a multiple of 0.2: equal rhos give a zero-width t
+    interval, so the interval alone decides nothing.)"""
     out = {}
     for key in ("per_category", "per_supercategory"):
         rhos = [r["finding1"][key]["spearman"] for r in runs]
         ps = [r["finding1"][key]["p_value"] for r in runs]
-        across = seed_interval(rhos)
-        holds = _holds(across, 1, 0.0) if len(runs) > 1 else bool(ps[0] is not None and ps[0] < 0.05 and rhos[0] > 0)
-        out[key] = {"spearman": across, "per_seed_spearman": rhos, "per_seed_p": ps,
-                    "n_groups": runs[0]["finding1"][key]["n"], "holds": holds}
+        pairs = [([row["fisher_trace"] for row in r["finding1"][key]["rows"]],
+                  [row["drop"] for row in r["finding1"][key]["rows"]]) for r in runs]
+        mean_rho, pooled = (rhos[0], ps[0]) if len(runs) == 1 else pooled_permutation_pvalue(pairs, permutations)
+        holds = bool(pooled is not None and pooled < 0.05 and mean_rho > 0)
+        out[key] = {"spearman": seed_interval(rhos), "per_seed_spearman": rhos, "per_seed_p": ps,
+                    "pooled_p": pooled, "n_groups": runs[0]["finding1"][key]["n"], "holds": holds}
     return out
 
 

@@ -37,7 +37,8 @@ def _arm_table(s):
 
 
 def _comparison_table(s):
-    lines = ["", "Differences a - b in AP points: mean over seeds [95% t interval over seeds]; per seed, the "
+    lines = ["", "Differences a - b in AP points: mean over seeds [95% interval: t over seeds, widened by the "
+                 "val images' bootstrap variance of the seed mean]; per seed, the "
                  "difference [paired bootstrap 95% interval over val images]. A claim holds only when its "
                  "interval (over seeds; with one seed, the bootstrap one) excludes zero in the claimed direction "
                  "(3b: stays above -1 point).", "",
@@ -53,14 +54,21 @@ def _finding1(s):
     lines = ["", f"Finding 1: Spearman's rho between a group's critical Fisher trace (T_S mode "
                  f"`{s['finding1_mode']}`, over {s['finding1_images']} of the seed's Fisher images) and its val AP drop "
                  f"under uniform {s['finding1_bits']}-bit PTQ; "
-                 "p: two-sided permutation p-value per seed (with n groups it cannot go below 2/n!).", "",
-             "| grouping | groups | rho over seeds | rho per seed | p per seed | holds |", "|---|---|---|---|---|---|"]
+                 "p: two-sided permutation p-value per seed (with n groups it cannot go below 2/n!) and pooled over "
+                 "seeds (the mean rho, every seed's pairing permuted); holds when the mean rho > 0 with pooled p < "
+                 "0.05.", "",
+             "| grouping | groups | rho over seeds | rho per seed | p per seed | pooled p | holds |",
+             "|---|---|---|---|---|---|---|"]
     for key, f in s["finding1"].items():
         rhos = ", ".join("n/a" if r is None else f"{r:.2f}" for r in f["per_seed_spearman"])
-        ps = ", ".join("n/a" if p is None else f"{p:.3g}" for p in f["per_seed_p"])
+        ps = ", ".join(_p(p) for p in f["per_seed_p"])
         lines.append(f"| {key.replace('per_', '')} | {f['n_groups']} | {_interval(f['spearman'], 1.0)} | {rhos} | "
-                     f"{ps} | {'yes' if f['holds'] else 'no'} |")
+                     f"{ps} | {_p(f.get('pooled_p'))} | {'yes' if f['holds'] else 'no'} |")
     return lines
+
+
+def _p(value):
+    return "n/a" if value is None else f"{value:.3g}"
 
 
 def _stages(s):
