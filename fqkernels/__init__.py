@@ -7,6 +7,7 @@
     fk.conv2d_per_sample_fisher(x, grad_out, weight_shape, stride, padding, dilation, groups)
     y = fk.linear_with_fisher(x, weight, bias, fisher)  # backward: dW and the Fisher, one pass
     y = fk.conv2d_with_fisher(x, weight, bias, fisher, stride, padding, dilation, groups)
+    y = fk.ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)  # deformable attention core
 
 Backends: reference (pure PyTorch), cpu (C++/OpenMP), triton, cuda; see
 ``available_backends()`` and ``backend_for(op, tensor)``; ``FQ_BACKEND`` forces one.
@@ -17,11 +18,12 @@ from fqkernels.composite import differentiable
 from fqkernels.conv_fisher import conv2d_per_sample_fisher, conv2d_with_fisher
 from fqkernels.fake_quant import fake_quant, lsq_grad_factor
 from fqkernels.fisher import linear_with_fisher, per_sample_fisher, per_sample_sq_norms
+from fqkernels.ms_deform_attn import ms_deform_attn
 from fqkernels.quant_linear import quant_linear
 from fqkernels.quant_matmul import quant_matmul
 
 __all__ = [
     "available_backends", "backend_for", "conv2d_per_sample_fisher", "conv2d_with_fisher", "differentiable",
-    "fake_quant", "linear_with_fisher", "lsq_grad_factor", "per_sample_fisher", "per_sample_sq_norms", "quant_linear",
-    "quant_matmul", "reference",
+    "fake_quant", "linear_with_fisher", "lsq_grad_factor", "ms_deform_attn", "per_sample_fisher",
+    "per_sample_sq_norms", "quant_linear", "quant_matmul", "reference",
 ]

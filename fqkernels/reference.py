@@ -182,3 +182,50 @@ def per_sample_sq_norms(x, grad_out, batch_dim=0, dtype=torch.float32):
     """||D_n^T X_n||_F^2 for each sample n -> [N]."""
     xs, ds = _samples(x, grad_out, batch_dim)
     return torch.stack([(dn.to(dtype).t() @ xn.to(dtype)).square().sum() for xn, dn in zip(xs, ds)])
+
+
+def ms_deform_attn_forward(value, spatial_shapes, sampling_locations, attention_weights):
+    """Multi-scale deformable attention core: per level ``F.grid_sample`` (bilinear, zeros
+    outside, align_corners=False: 0 and 1 are the outer edges of the border pixels), then the
+    samples weighted by the attention weights and summed over levels and points.
+
+    value [N, S, M, D] (S = sum_l H_l W_l, levels concatenated row-major), spatial_shapes
+    [(H_l, W_l)] * L (ints, or traced sizes while exporting), sampling_locations
+    [N, Lq, M, L, P, 2] as (x, y) in [0, 1], attention_weights [N, Lq, M, L, P] -> [N, Lq, M * D].
+    Differentiable twice through grid_sample: unlike the other references its backward is
+    autograd's (``ms_deform_attn_backward``), which is also what double backward differentiates.
+    """
+    import torch.nn.functional as F
+
+    n, _, m, d = value.shape
+    _, lq, _, n_levels, n_points, _ = sampling_locations.shape
+    # grid_sample's [-1, 1] (align_corners=False), in the values' dtype as it requires
+    grids = (2 * sampling_locations - 1).to(value.dtype)
+    sampled = []
+    for level, ((h, w), level_value) in enumerate(zip(spatial_shapes,
+                                                      value.split([h * w for h, w in spatial_shapes], 1))):
+        # [N, H*W, M, D] -> [N*M, D, H, W]
+        level_value = level_value.permute(0, 2, 3, 1).reshape(n * m, d, h, w)
+        # [N, Lq, M, P, 2] -> [N*M, Lq, P, 2]
+        grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        sampled.append(F.grid_sample(level_value, grid, mode="bilinear", padding_mode="zeros",
+                                     align_corners=False))  # [N*M, D, Lq, P]
+    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, n_levels * n_points)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # [N*M, D, Lq]
+    return out.view(n, m * d, lq).transpose(1, 2)
+
+
+def ms_deform_attn_backward(grad_out, value, spatial_shapes, sampling_locations, attention_weights,
+                            create_graph=False):
+    """(grad_value, grad_locations, grad_weights) of ``ms_deform_attn_forward`` given grad_out
+    [N, Lq, M * D], by autograd through it; with ``create_graph`` the gradients carry a graph
+    to the inputs' own histories (double backward). An input that does not require grad while
+    others do gets None."""
+    inputs = (value, sampling_locations, attention_weights)
+    with torch.enable_grad():
+        if not create_graph:  # fresh leaves: only this core is differentiated
+            inputs = tuple(t.detach().requires_grad_() for t in inputs)
+        wanted = [t for t in inputs if t.requires_grad]
+        out = ms_deform_attn_forward(inputs[0], spatial_shapes, inputs[1], inputs[2])
+        grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=create_graph))
+    return tuple(next(grads) if t.requires_grad else None for t in inputs)

@@ -4,9 +4,12 @@
 #include <pybind11/stl.h>
 
 #include <optional>
+#include <utility>
+#include <vector>
 
 #include "fake_quant.h"
 #include "fisher.h"
+#include "ms_deform_attn.h"
 #include "quant_linear.h"
 #include "fq/fisher_binding.h"
 #include "fq/tensor_arg.h"
@@ -143,6 +146,88 @@ void per_sample_fisher(py::object x_, py::object grad_out_, py::object fisher_, 
 
 }  // namespace
 
+// ---- ms_deform_attn: multi-scale deformable attention core (bilinear sampling, weighted sum) ----
+namespace {
+
+using SpatialShapes = std::vector<std::pair<int64_t, int64_t>>;
+
+// The sizes of one call, every tensor checked against value [N, S, M, D] and spatial_shapes
+// [(H_l, W_l)]: locations [N, Lq, M, L, P, 2], weights [N, Lq, M, L, P], one dtype for all.
+fq::cpu::MsDeformAttnShape msda_shape(const TensorArg& value, const SpatialShapes& shapes,
+                                      const TensorArg& locations, const TensorArg& weights) {
+  if (value.dim() != 4) throw py::value_error("value: expected [N, S, M, D], got shape " + value.shape_str());
+  fq::cpu::MsDeformAttnShape sh{value.shape[0], value.shape[1], value.shape[2], value.shape[3], 0, 0, {}, {}, {}};
+  int64_t covered = 0;
+  for (const auto& [h, w] : shapes) {
+    if (h < 1 || w < 1)
+      throw py::value_error("spatial_shapes: expected positive (H, W) per level, got (" + std::to_string(h) +
+                            ", " + std::to_string(w) + ")");
+    sh.heights.push_back(h);
+    sh.widths.push_back(w);
+    sh.starts.push_back(covered);
+    covered += h * w;
+  }
+  if (covered != sh.s)
+    throw py::value_error("spatial_shapes: expected sum H_l * W_l == S (value's dim 1) = " + std::to_string(sh.s) +
+                          ", got " + std::to_string(covered));
+  if (locations.dim() != 6)
+    throw py::value_error("sampling_locations: expected [N, Lq, M, L, P, 2], got shape " + locations.shape_str());
+  sh.lq = locations.shape[1];
+  sh.points = locations.shape[4];
+  fq::require_shape(locations, {sh.n, sh.lq, sh.m, sh.levels(), sh.points, 2});
+  fq::require_shape(weights, {sh.n, sh.lq, sh.m, sh.levels(), sh.points});
+  fq::require_same_dtype(value, locations);
+  fq::require_same_dtype(value, weights);
+  return sh;
+}
+
+TensorArg msda_tensor(const py::object& obj, const char* name) {
+  return cpu_tensor(obj, name, {DType::f32, DType::f64});
+}
+
+void ms_deform_attn_forward(py::object value_, const SpatialShapes& spatial_shapes, py::object locations_,
+                            py::object weights_, py::object out_) {
+  TensorArg value = msda_tensor(value_, "value"), locations = msda_tensor(locations_, "sampling_locations");
+  TensorArg weights = msda_tensor(weights_, "attention_weights"), out = msda_tensor(out_, "out");
+  const auto sh = msda_shape(value, spatial_shapes, locations, weights);
+  fq::require_same_dtype(value, out);
+  fq::require_shape(out, {sh.n, sh.lq, sh.m * sh.d});
+  py::gil_scoped_release nogil;
+  if (value.dtype == DType::f32)
+    fq::cpu::ms_deform_attn_forward(value.ptr<float>(), locations.ptr<float>(), weights.ptr<float>(),
+                                    out.ptr<float>(), sh);
+  else
+    fq::cpu::ms_deform_attn_forward(value.ptr<double>(), locations.ptr<double>(), weights.ptr<double>(),
+                                    out.ptr<double>(), sh);
+}
+
+void ms_deform_attn_backward(py::object grad_out_, py::object value_, const SpatialShapes& spatial_shapes,
+                             py::object locations_, py::object weights_, py::object grad_value_,
+                             py::object grad_locations_, py::object grad_weights_) {
+  TensorArg value = msda_tensor(value_, "value"), locations = msda_tensor(locations_, "sampling_locations");
+  TensorArg weights = msda_tensor(weights_, "attention_weights"), grad_out = msda_tensor(grad_out_, "grad_out");
+  TensorArg grad_value = msda_tensor(grad_value_, "grad_value");
+  TensorArg grad_locations = msda_tensor(grad_locations_, "grad_locations");
+  TensorArg grad_weights = msda_tensor(grad_weights_, "grad_weights");
+  const auto sh = msda_shape(value, spatial_shapes, locations, weights);
+  for (const TensorArg* t : {&grad_out, &grad_value, &grad_locations, &grad_weights}) fq::require_same_dtype(value, *t);
+  fq::require_shape(grad_out, {sh.n, sh.lq, sh.m * sh.d});
+  fq::require_shape(grad_value, value.shape);
+  fq::require_shape(grad_locations, locations.shape);
+  fq::require_shape(grad_weights, weights.shape);
+  py::gil_scoped_release nogil;
+  if (value.dtype == DType::f32)
+    fq::cpu::ms_deform_attn_backward(grad_out.ptr<float>(), value.ptr<float>(), locations.ptr<float>(),
+                                     weights.ptr<float>(), grad_value.ptr<float>(), grad_locations.ptr<float>(),
+                                     grad_weights.ptr<float>(), sh);
+  else
+    fq::cpu::ms_deform_attn_backward(grad_out.ptr<double>(), value.ptr<double>(), locations.ptr<double>(),
+                                     weights.ptr<double>(), grad_value.ptr<double>(), grad_locations.ptr<double>(),
+                                     grad_weights.ptr<double>(), sh);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "fqkernels CPU kernels (C++ / OpenMP / SIMD). Tensors are passed as DLPack capsules.";
   m.def("fake_quant_forward", &fake_quant_forward, py::arg("x"), py::arg("scale"), py::arg("out"),
@@ -169,4 +254,13 @@ PYBIND11_MODULE(_cpu, m) {
         "For x [N, T, K] / grad_out [N, T, M] (batch_dim 0; 1: [T, N, *]; 2-D: T = 1), any strides: "
         "fisher [M, K] (+)= sum_n (D_n^T X_n)^2, grad_weight [M, K] (+)= sum_n D_n^T X_n, "
         "sq_norms [N] = ||D_n^T X_n||^2; each output float32/float64 or None.");
+  m.def("ms_deform_attn_forward", &ms_deform_attn_forward, py::arg("value"), py::arg("spatial_shapes"),
+        py::arg("sampling_locations"), py::arg("attention_weights"), py::arg("out"),
+        "out [N, Lq, M*D] = sum over levels and points of attention_weights [N, Lq, M, L, P] times value "
+        "[N, S, M, D] sampled bilinearly (zeros outside) at sampling_locations [N, Lq, M, L, P, 2] of levels "
+        "spatial_shapes [(H_l, W_l)]; float32 or float64, contiguous.");
+  m.def("ms_deform_attn_backward", &ms_deform_attn_backward, py::arg("grad_out"), py::arg("value"),
+        py::arg("spatial_shapes"), py::arg("sampling_locations"), py::arg("attention_weights"),
+        py::arg("grad_value"), py::arg("grad_locations"), py::arg("grad_weights"),
+        "Writes the gradients of ms_deform_attn_forward's inputs given grad_out [N, Lq, M*D].");
 }

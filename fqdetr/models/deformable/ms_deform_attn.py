@@ -3,8 +3,9 @@
 Each query attends to ``n_points`` sampled locations per head and feature level instead
 of to every key: the locations are its reference point plus learned offsets, the values
 there are read by bilinear interpolation (``F.grid_sample``, zeros outside the map, as
-the official CUDA kernel) and mixed with softmax weights predicted from the query.
-Everything is differentiable twice (grid_sample has a double backward), which the
+the official CUDA kernel) and mixed with softmax weights predicted from the query; the
+core runs fqkernels.ms_deform_attn (a C++ kernel on CPU, grid_sample otherwise).
+Everything is differentiable twice (double backward goes through grid_sample), which the
 Fisher regulariser needs. Parameter names follow fundamentalvision/Deformable-DETR:
 ``sampling_offsets``, ``attention_weights``, ``value_proj``, ``output_proj``, all
 ``nn.Linear`` so ``fqdetr.quant.quantize_model`` swaps them like any other layer.
@@ -13,8 +14,9 @@ import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+import fqkernels as fk
 
 SpatialShapes = Sequence[Tuple[int, int]]
 
@@ -38,26 +40,15 @@ def ms_deform_attn_sample(value: Tensor, spatial_shapes: SpatialShapes, sampling
     value [N, S, M, D] (S = sum_l H_l W_l, levels concatenated row-major), spatial_shapes
     [(H_l, W_l)] * L, sampling_locations [N, Lq, M, L, P, 2] as (x, y) in [0, 1] of each
     level (0 and 1 are the outer edges of the border pixels; outside reads zeros),
-    attention_weights [N, Lq, M, L, P] -> [N, Lq, M * D].
+    attention_weights [N, Lq, M, L, P] -> [N, Lq, M * D]. Runs fqkernels' op: the C++ kernel
+    on CPU float32 / float64, F.grid_sample (fqkernels.reference) elsewhere, while exporting and
+    for double backward (fqkernels/ms_deform_attn.py).
     """
-    n, s, m, d = value.shape
-    _, lq, _, n_levels, n_points, _ = sampling_locations.shape
-    shapes = check_spatial_shapes(spatial_shapes, s)
-    if len(shapes) != n_levels:
-        raise ValueError(f"{len(shapes)} spatial shapes for {n_levels} levels of sampling_locations")
-    # grid_sample's [-1, 1] (align_corners=False), in the values' dtype as it requires
-    grids = (2 * sampling_locations - 1).to(value.dtype)
-    sampled = []
-    for level, ((h, w), level_value) in enumerate(zip(shapes, value.split([h * w for h, w in shapes], 1))):
-        # [N, H*W, M, D] -> [N*M, D, H, W]
-        level_value = level_value.permute(0, 2, 3, 1).reshape(n * m, d, h, w)
-        # [N, Lq, M, P, 2] -> [N*M, Lq, P, 2]
-        grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(level_value, grid, mode="bilinear", padding_mode="zeros",
-                                     align_corners=False))  # [N*M, D, Lq, P]
-    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, n_levels * n_points)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # [N*M, D, Lq]
-    return out.view(n, m * d, lq).transpose(1, 2)
+    shapes = check_spatial_shapes(spatial_shapes, value.shape[1])
+    if len(shapes) != sampling_locations.shape[3]:
+        raise ValueError(f"{len(shapes)} spatial shapes for {sampling_locations.shape[3]} levels of "
+                         "sampling_locations")
+    return fk.ms_deform_attn(value, shapes, sampling_locations, attention_weights)
 
 
 class MSDeformAttn(nn.Module):
