@@ -91,10 +91,10 @@ def build_model(kind, deformable_weights=None):
     return build_deformable_detr("deformable_r50", num_classes=91, dropout=0.0), 91
 
 
-def build_case(case, device="cpu", seed=0, deformable_weights=None):
+def build_case(case, device="cpu", seed=0, deformable_weights=None, quantized=True):
     """{float, quant, criterion, images, mask, targets} of one case on ``device``; the quantized
-    model is W4A8, activations calibrated on the batch itself, both models in eval mode (frozen
-    BatchNorm). Images fill the top ``rows`` of a fixed canvas (the padding is masked), as the
+    model is W4A8, activations calibrated on the batch itself (``quantized=False``: none, "quant"
+    is None), both models in eval mode (frozen BatchNorm). Images fill the top ``rows`` of a fixed canvas (the padding is masked), as the
     shipped models' data pipeline lays them out."""
     torch.manual_seed(seed)
     kind, batch, h, w, rows = CASES[case]
@@ -105,8 +105,9 @@ def build_case(case, device="cpu", seed=0, deformable_weights=None):
     images[:, :, rows:], mask[:, rows:] = 0.0, True
     targets = [{"labels": torch.randint(0, classes, (3,), device=device),
                 "boxes": torch.rand(3, 4, device=device) * 0.4 + 0.3} for _ in range(batch)]
-    quant = quantize_model(model, QuantConfig(w_bits=4, a_bits=8))
-    calibrate(quant, [(images, mask)], progress=False)
+    quant = quantize_model(model, QuantConfig(w_bits=4, a_bits=8)) if quantized else None
+    if quantized:
+        calibrate(quant, [(images, mask)], progress=False)
     return {"float": model, "quant": quant, "criterion": criterion_for(model).to(device), "images": images,
             "mask": mask, "targets": targets}
 

@@ -1,11 +1,21 @@
 """Atomic file writes: nothing already written (a checkpoint, a report) is lost when a run
 dies mid-write. Each write goes to a unique temporary file in the destination's folder,
 is flushed to disk, then renamed over the destination (atomic on POSIX)."""
+import hashlib
 import json
 import os
 import tempfile
 
 import torch
+
+
+def file_sha256(path, chunk=1 << 20):
+    """Hex SHA-256 of a file's bytes (what a cache records to know which checkpoint made it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write(path, write, binary=True):

@@ -144,8 +144,10 @@ def seed_interval(values, image_samples=None, level=0.95):
     ``image_samples`` [resamples] (optional): the seed-mean difference on each bootstrap resample
     of the val images (the same resamples for every seed). The seeds share one val set, so their
     spread holds no val-image sampling noise; that noise is added as the bootstrap variance of
-    the seed mean: half-width t(n-1) * sqrt(std^2 / n + var(image_samples)) ("std_images" is its
-    square root). Without it the interval treats the val set as fixed.
+    the seed mean: var = std^2 / n + var(image_samples) ("std_images" is the latter's square
+    root), with Welch-Satterthwaite degrees of freedom (n - 1) * (var / (std^2 / n))^2 (the
+    bootstrap variance, from many resamples, counts as known). Without it the interval treats
+    the val set as fixed.
     """
     v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=float)
     if not len(v):
@@ -154,7 +156,7 @@ def seed_interval(values, image_samples=None, level=0.95):
     if len(v) == 1:
         return {**_interval(mean, mean, mean), "holds": False, "n": 1, "std": 0.0}
     std = float(v.std(ddof=1))
-    var = std ** 2 / len(v)
+    seeds_var = var = std ** 2 / len(v)
     extra = {}
     if image_samples is not None:
         d = np.asarray(image_samples, dtype=float)
@@ -163,7 +165,8 @@ def seed_interval(values, image_samples=None, level=0.95):
             raise ValueError(f"image_samples: expected >= 2 finite resamples, got {len(d)}")
         extra["std_images"] = float(d.std(ddof=1))
         var += extra["std_images"] ** 2
-    half = float(student_t.ppf((1 + level) / 2, len(v) - 1)) * math.sqrt(var)
+    df = (len(v) - 1) * (var / seeds_var) ** 2 if seeds_var > 0 else math.inf
+    half = float(student_t.ppf((1 + level) / 2, df)) * math.sqrt(var)
     return {**_interval(mean, mean - half, mean + half), "n": len(v), "std": std, **extra}
 
 

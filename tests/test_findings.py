@@ -1,5 +1,6 @@
 """The findings study: verdicts from intervals (given numbers), and a tiny end-to-end ``fqdetr reproduce``."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,3 +155,11 @@ def test_tiny_reproduce_resumes_from_its_cache(tiny_study, capsys):
     assert (out / "seed0" / "run.json").read_text() == before
     assert cli_main(args[:-1] + ["lse"]) == 2  # other settings: refused, not mixed in
     assert "other settings" in capsys.readouterr().err
+    model = Path(args[args.index("--model") + 1])
+    original = model.read_bytes()
+    try:  # a retrained checkpoint at the same path: refused, not mixed in
+        model.write_bytes(original + b"\0")
+        assert cli_main(args) == 2
+        assert "another version" in capsys.readouterr().err
+    finally:
+        model.write_bytes(original)

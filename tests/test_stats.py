@@ -1,6 +1,7 @@
 """fqdetr.stats: weighted COCO accumulation, paired bootstrap, seed intervals, permutation p-value."""
 import numpy as np
 import pytest
+from scipy.stats import t as student_t
 
 from fqdetr.data import builtin_paths, load_coco, make_builtin_dataset
 from fqdetr.evaluation.cocoeval import evaluate_images, load_detections, run_cocoeval
@@ -163,13 +164,15 @@ def test_seed_interval_is_a_t_interval():
 
 
 def test_seed_interval_adds_the_val_images_variance_by_hand():
-    # seeds 1, 2, 3: std 1; image resamples of the seed mean 1.5, 2.5 (std sqrt(0.5))
+    # seeds 1, 2, 3: std 1; image resamples of the seed mean 1.5, 2.5 (std sqrt(0.5));
+    # var = 1/3 + 1/2, Satterthwaite df = 2 * (var / (1/3))^2 = 12.5
     r = seed_interval([1.0, 2.0, 3.0], image_samples=[1.5, 2.5, np.nan])
-    half = 4.302652729911275 * np.sqrt(1 / 3 + 0.5)
+    half = student_t.ppf(0.975, 12.5) * np.sqrt(1 / 3 + 0.5)
     assert r["std_images"] == pytest.approx(np.sqrt(0.5))
     assert r["low"] == pytest.approx(2 - half) and r["high"] == pytest.approx(2 + half)
-    # equal seeds no longer give a zero-width interval when the val images vary
+    # equal seeds no longer give a zero-width interval when the val images vary (df infinite)
     r = seed_interval([0.2, 0.2, 0.2], image_samples=[0.0, 0.4])
+    assert r["high"] - 0.2 == pytest.approx(1.959963984540054 * np.sqrt(0.08))
     assert r["low"] < 0 < r["high"] and not r["holds"]
     with pytest.raises(ValueError, match="image_samples"):
         seed_interval([1.0, 2.0], image_samples=[np.nan, 1.0])

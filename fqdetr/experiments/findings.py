@@ -18,7 +18,7 @@ import numpy as np
 from fqdetr.experiments.findings_report import render_finding5, render_findings
 from fqdetr.experiments.scaling import finding5
 from fqdetr.experiments.study import StudyConfig, run_seed
-from fqdetr.io import atomic_write_text, write_json
+from fqdetr.io import atomic_write_text, file_sha256, write_json
 from fqdetr.stats import paired_interval, pooled_permutation_pvalue, seed_interval
 
 log = logging.getLogger(__name__)
@@ -180,13 +180,17 @@ def summarize(runs, cfg):
 
 
 def _cached(path, cfg, model_path):
-    """The cached run at ``path``, or None; ValueError when it was made with other settings."""
+    """The cached run at ``path``, or None; ValueError when it was made with other settings or
+    another checkpoint (by content: a retrained model at the same path is another model)."""
     if not path.exists():
         return None
     run = json.loads(path.read_text())
     if run["config"] != cfg.as_dict() or run["model"] != str(model_path):
         raise ValueError(f"--out: {path} was written by a study with other settings or another model; "
                          f"use a fresh --out folder (or delete that file)")
+    if run.get("model_sha256") != file_sha256(model_path):
+        raise ValueError(f"--out: {path} was written for another version of {model_path} (its SHA-256 "
+                         f"differs or was not recorded); use a fresh --out folder (or delete that file)")
     return run
 
 

@@ -28,8 +28,9 @@ from fqdetr.engine.qat import qat, upweighted_criterion
 from fqdetr.engine.quantize import fixed_bounds, layer_weights, quantize_detr
 from fqdetr.engine.setup import checkpoint_geometry, critical_setup, load_datasets
 from fqdetr.experiments.evaluator import SplitEvaluator
-from fqdetr.experiments.stopwatch import Stopwatch
 from fqdetr.experiments.sensitivity_study import mode_objectives, sensitivity_vs_drop
+from fqdetr.experiments.stopwatch import Stopwatch
+from fqdetr.io import file_sha256
 from fqdetr.models import load_detr_checkpoint
 from fqdetr.models.checkpoint import read_checkpoint
 from fqdetr.sensitivity import fisher_traces, hutchinson_traces
@@ -174,7 +175,8 @@ def run_seed(model_path, data_dir, cfg, seed):
     arms.update(qat_arms(ctx, allocations[qat_start], cfg, seed))
     with ctx.watch.stage("finding 1 (PTQ, Fisher per group)"):
         finding1 = sensitivity_vs_drop(ctx, uniform, cfg, float_val=arms["float"]["val"])
-    return {"seed": seed, "config": cfg.as_dict(), "model": str(model_path), "detector": family_of(ctx.model).title,
+    return {"seed": seed, "config": cfg.as_dict(), "model": str(model_path), "model_sha256": file_sha256(model_path),
+            "detector": family_of(ctx.model).title,
             "num_params": sum(p.numel() for p in ctx.model.parameters()), "num_classes": len(ctx.data["val"].cat_ids),
             "arms": arms, "allocations": allocations, "sizes": sizes, "avg_bits_all_layers": avg_bits, "traces": traces,
             "traces_from": f"uniform W{cfg.budget_bits}A8 PTQ model (fake-quantized, calibrated on this seed's "
