@@ -177,16 +177,16 @@ def test_deformable_detr_exports_with_grid_sample_dynamic_batch_and_image_size(t
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
-# min_ap says the model is a working detector, so that the comparison means something (the
-# shipped Deformable DETR is still short of the DETR: models/README.md).
+# min_ap says the model is a working detector, so that the comparison means something.
 @pytest.mark.slow
-@pytest.mark.parametrize("shipped, min_ap", [("detr_tiny_builtin.pth", 0.3), ("deformable_tiny_builtin.pth", 0.15)])
+@pytest.mark.parametrize("shipped, min_ap", [("detr_tiny_builtin.pth", 0.3), ("deformable_tiny_builtin.pth", 0.25)])
 def test_shipped_model_map_matches_through_onnxruntime(tmp_path, shipped, min_ap):
     """Val mAP of each W4A8 shipped model on the 500 generated val images (the full val split of
     the built-in dataset): onnxruntime within 0.2 AP point (0.002) of torch, the issue's target.
 
     Measured (2026-12-05, 500 images): DETR torch 0.3633, onnxruntime 0.3616 (0.0017 apart);
-    Deformable DETR 0.1842 and 0.1846 (0.0004). The export is the same arithmetic up to float32
+    the Deformable DETR shipped at step 11,500: 0.3179 and 0.3178 (1 thread; the previous one,
+    0.1842 and 0.1846). The export is the same arithmetic up to float32
     rounding (x / s in QuantizeLinear where torch computes x * (1 / s)); a value within rounding of
     a code boundary takes the other code, which moves a few detections, so the difference shrinks
     with more images: on 120 images it was 0.0018 (DETR) and 0.0030 (Deformable DETR), on 16

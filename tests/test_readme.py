@@ -54,7 +54,7 @@ def _numbers(results):
 @pytest.mark.slow
 def test_make_demo_reproduces_the_committed_output(tmp_path):
     """`fqdetr demo` with its defaults, run as `make demo` runs it: its own process, the default
-    data folder made in the working directory, every shipped model, torch's default threads."""
+    data folder made in the working directory, every shipped model, its default 2 threads."""
     run = subprocess.run([sys.executable, "-m", "fqdetr", "demo", "--out", "runs/demo"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-2000:]
