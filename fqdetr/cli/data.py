@@ -16,6 +16,10 @@ def add_parser(subparsers):
     make.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     make.add_argument("--image-size", type=int, default=128,
                       help="shortest possible image side in pixels; sides vary up to 1.25x (default 128)")
+    make.add_argument("--categories-per-group", type=int, choices=(4, 8), default=4,
+                      help="categories in each of the 4 supercategories: 4 (16 categories) or 8 "
+                           "(32, for finding 5 of docs/METHOD.md section 6: gains vs the number "
+                           "of classes) (default 4)")
     make.add_argument("--no-progress", action="store_true", help="no progress bar")
     make.set_defaults(func=run_make)
     stats = sub.add_parser("stats", help="per-category / supercategory / size counts of a COCO json")
@@ -30,7 +34,8 @@ def run_make(args):
     start = time.perf_counter()
     out = make_builtin_dataset(args.out, num_train=args.num_train, num_val=args.num_val,
                                image_size=args.image_size, seed=args.seed,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress,
+                               categories_per_group=args.categories_per_group)
     log.info("built-in dataset written to %s in %.1f s", args.out, time.perf_counter() - start)
     for split, info in out.items():
         print(f"{split}: {info['num_images']} images, {info['num_annotations']} boxes\n"

@@ -6,9 +6,15 @@ Every image is drawn with PIL from a per-image numpy generator seeded by
 ``(seed, split, index)``: same seed => byte-identical images and json, and image
 ``i`` does not depend on how many images were requested.
 
-Categories: 4 supercategories x 4 categories; a shape family per supercategory,
-variants within it. COCO ids are non-contiguous (1-4, 11-14, 21-24, 31-34), as in
-COCO, so the label <-> category id mapping is exercised.
+Categories: 4 supercategories x 4 categories (``categories_per_group=4``, the default)
+or x 8 (``categories_per_group=8``, 32 categories, for finding 5 of docs/METHOD.md
+section 6); a shape family per supercategory, variants within it. COCO ids are
+non-contiguous (1-4, 11-14, 21-24, 31-34; with 8 per group 1-8, 11-18, 21-28, 31-38), as
+in COCO, so the label <-> category id mapping is exercised. The table and the variants
+5-8 of each group (elder, skier, police, runner; van, tractor, tram, bicycle; horse, pig,
+goat, deer; parking, no-entry, crossing, warning) are in
+``fqdetr.data.synthetic_categories``; the 16-category dataset is byte-identical to the
+one made before the 32-category form existed. Below, the variants 1-4:
 
 - ``sign`` (easy): flat saturated symbols of distinct shape and colour (red
   octagon, white triangle with red rim, red-ringed disc, blue square). Mostly
@@ -25,11 +31,12 @@ COCO, so the label <-> category id mapping is exercised.
   vanishes at small sizes, and animals are small most often.
 
 Class frequencies follow fixed weights with a long tail inside every group (e.g.
-``adult`` 30 vs ``info`` 1.5). Object sizes are drawn per group from COCO's area
-classes (small < 32^2 <= medium < 96^2 <= large, in pixels, the thresholds COCOeval
-uses), so images of at least ~112 px hold all three. Backgrounds are random
-gradients with clutter (lines, low-contrast boxes, blobs, plain discs) and Gaussian
-pixel noise of random strength, which hides small textured objects first.
+``adult`` 30 vs ``info`` 1.5; the variants 5-8 continue each tail down to 1.0). Object
+sizes are drawn per group from COCO's area classes (small < 32^2 <= medium < 96^2 <=
+large, in pixels, the thresholds COCOeval uses), so images of at least ~112 px hold all
+three. Backgrounds are random gradients with clutter (lines, low-contrast boxes, blobs,
+plain discs) and Gaussian pixel noise of random strength, which hides small textured
+objects first.
 """
 import json
 import logging
@@ -39,42 +46,18 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fqdetr.data.synthetic_categories import EARTH, VARIANT_DRAW, bright, categories, jitter
 from fqdetr.io import write_json
 
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
-# (COCO id, name, supercategory, frequency weight, box aspect ratio w/h)
-CATEGORIES = [
-    (1, "adult", "person", 30.0, 0.40), (2, "child", "person", 8.0, 0.50),
-    (3, "cyclist", "person", 5.0, 0.75), (4, "worker", "person", 2.0, 0.40),
-    (11, "car", "vehicle", 25.0, 2.0), (12, "truck", "vehicle", 8.0, 2.6),
-    (13, "bus", "vehicle", 4.0, 3.0), (14, "motorbike", "vehicle", 3.0, 1.6),
-    (21, "dog", "animal", 10.0, 1.5), (22, "cat", "animal", 6.0, 1.4),
-    (23, "cow", "animal", 3.0, 1.7), (24, "sheep", "animal", 1.5, 1.4),
-    (31, "stop", "sign", 6.0, 1.0), (32, "speed", "sign", 4.0, 1.0),
-    (33, "yield", "sign", 3.0, 1.1), (34, "info", "sign", 1.5, 1.0),
-]
 # P(small), P(medium), P(large) per supercategory.
 SIZE_PROBS = {"person": (0.45, 0.45, 0.10), "vehicle": (0.30, 0.55, 0.15),
               "animal": (0.60, 0.35, 0.05), "sign": (0.35, 0.55, 0.10)}
 # sqrt(area) ranges in pixels of the COCO area classes.
 SIZE_RANGES = ((8.0, 31.0), (33.0, 94.0), (97.0, 140.0))
-EARTH = np.array([[120, 90, 60], [140, 120, 90], [100, 100, 90], [160, 140, 110]])
 _SPLIT_CODE = {"train": 0, "val": 1}
-
-
-def _jitter(rng, colour, amount):
-    """RGB tuple of ``colour`` with uniform noise of +-amount per channel."""
-    c = np.asarray(colour) + rng.integers(-amount, amount + 1, 3)
-    return tuple(int(v) for v in np.clip(c, 0, 255))
-
-
-def _bright(rng):
-    """A random saturated colour (clothes, car paint)."""
-    c = rng.integers(0, 256, 3)
-    c[rng.integers(3)] = rng.integers(200, 256)
-    return tuple(int(v) for v in c)
 
 
 def _draw_person(d, rng, box, name):
@@ -82,15 +65,15 @@ def _draw_person(d, rng, box, name):
     w, h = x1 - x0, y1 - y0
     cx = (x0 + x1) / 2
     head = h * (0.30 if name == "child" else 0.20)  # child: proportions only
-    skin = _jitter(rng, (220, 180, 150), 25)
+    skin = jitter(rng, (220, 180, 150), 25)
     d.ellipse([cx - head / 2, y0, cx + head / 2, y0 + head], fill=skin)
     if name == "worker":  # helmet and vest: the only cue separating it from adult
         d.pieslice([cx - head / 2, y0 - 1, cx + head / 2, y0 + head * 0.8], 180, 360,
                    fill=(250, 220, 0))
     body_bottom = y1 - h * (0.35 if name == "cyclist" else 0.30)
-    clothes = (255, 120, 0) if name == "worker" else _bright(rng)
+    clothes = (255, 120, 0) if name == "worker" else bright(rng)
     d.rectangle([x0 + w * 0.15, y0 + head, x1 - w * 0.15, body_bottom], fill=clothes)
-    legs = _jitter(rng, (60, 60, 90), 30)
+    legs = jitter(rng, (60, 60, 90), 30)
     lw = max(1, int(w * 0.12))
     if name == "cyclist":
         r = min(w / 2, h * 0.35) / 2
@@ -105,7 +88,7 @@ def _draw_person(d, rng, box, name):
 def _draw_vehicle(d, rng, box, name):
     x0, y0, x1, y1 = box
     w, h = x1 - x0, y1 - y0
-    paint = _bright(rng)
+    paint = bright(rng)
     glass = (170, 210, 230)
     r = min(h * 0.3, w * 0.2) if name == "motorbike" else h * 0.22
     if name == "motorbike":
@@ -119,7 +102,7 @@ def _draw_vehicle(d, rng, box, name):
         d.rectangle([x0, y0 + h * 0.4, x1, y1 - r], fill=paint)
         wheels = (x0 + w * 0.2, x1 - w * 0.2)
     elif name == "truck":
-        d.rectangle([x0, y0, x0 + w * 0.68, y1 - r], fill=_jitter(rng, (200, 200, 200), 40))
+        d.rectangle([x0, y0, x0 + w * 0.68, y1 - r], fill=jitter(rng, (200, 200, 200), 40))
         d.rectangle([x0 + w * 0.7, y0 + h * 0.3, x1, y1 - r], fill=paint)
         d.rectangle([x0 + w * 0.8, y0 + h * 0.38, x1 - w * 0.04, y0 + h * 0.55], fill=glass)
         wheels = (x0 + w * 0.15, x0 + w * 0.5, x1 - w * 0.15)
@@ -160,7 +143,7 @@ def _draw_animal(d, rng, box, name):
     x0, y0, x1, y1 = box
     w, h = x1 - x0, y1 - y0
     base = (225, 220, 205) if name == "sheep" else EARTH[rng.integers(len(EARTH))]
-    colour = _jitter(rng, base, 20)
+    colour = jitter(rng, base, 20)
     legs_top = y0 + h * 0.6
     lw = max(1, int(w * 0.05))
     for fx in (0.2, 0.35, 0.6, 0.75):
@@ -212,13 +195,13 @@ def _background(rng, width, height):
         s = rng.uniform(6, 40)
         if kind == 0:
             d.line([x, y, x + rng.uniform(-40, 40), y + rng.uniform(-40, 40)],
-                   fill=_jitter(rng, (90, 90, 90), 60), width=int(rng.integers(1, 3)))
+                   fill=jitter(rng, (90, 90, 90), 60), width=int(rng.integers(1, 3)))
         elif kind == 1:  # low-contrast "buildings"
-            d.rectangle([x, y, x + s, y + s * rng.uniform(0.5, 2)], fill=_jitter(rng, tuple(top), 25))
+            d.rectangle([x, y, x + s, y + s * rng.uniform(0.5, 2)], fill=jitter(rng, tuple(top), 25))
         elif kind == 2:  # animal-like blobs: hard negatives for the animal group
-            d.ellipse([x, y, x + s * 1.5, y + s], fill=_jitter(rng, EARTH[rng.integers(len(EARTH))], 20))
+            d.ellipse([x, y, x + s * 1.5, y + s], fill=jitter(rng, EARTH[rng.integers(len(EARTH))], 20))
         else:  # plain discs, never sign colours
-            d.ellipse([x, y, x + s * 0.6, y + s * 0.6], fill=_jitter(rng, (120, 160, 120), 40))
+            d.ellipse([x, y, x + s * 0.6, y + s * 0.6], fill=jitter(rng, (120, 160, 120), 40))
     return img, d
 
 
@@ -254,17 +237,19 @@ def _sample_box(rng, group, aspect, width, height, anchor):
     return [x, y, x + w, y + h]
 
 
-def _make_image(seed, split, index, image_size):
-    """Draw one image. Returns (PIL RGB image, list of (category index, xyxy box))."""
+def _make_image(seed, split, index, image_size, categories_per_group=4):
+    """Draw one image. Returns (PIL RGB image, list of (row of ``categories(categories_per_group)``,
+    xyxy box))."""
+    table = categories(categories_per_group)
     rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
     span = max(1, image_size // 4)
     width, height = (int(v) for v in rng.integers(image_size, image_size + span + 1, 2))
     img, d = _background(rng, width, height)
-    weights = np.array([c[3] for c in CATEGORIES])
+    weights = np.array([c[3] for c in table])
     objects, persons = [], []
     for _ in range(min(10, 1 + int(rng.poisson(3.0)))):
-        k = int(rng.choice(len(CATEGORIES), p=weights / weights.sum()))
-        _, name, group, _, aspect = CATEGORIES[k]
+        k = int(rng.choice(len(table), p=weights / weights.sum()))
+        _, name, group, _, aspect = table[k]
         anchor = persons[int(rng.integers(len(persons)))] if group == "person" and persons \
             and rng.random() < 0.5 else None
         for _attempt in range(5):
@@ -273,7 +258,7 @@ def _make_image(seed, split, index, image_size):
                 break
         else:
             continue  # no room: drop the object rather than hide another
-        _DRAW[group](d, rng, box, name)
+        VARIANT_DRAW.get(name, _DRAW[group])(d, rng, box, name)
         objects.append((k, box))
         if group == "person":
             persons.append(((box[0] + box[2]) / 2, box[1]))
@@ -282,8 +267,9 @@ def _make_image(seed, split, index, image_size):
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB"), objects
 
 
-def _write_split(root, split, num, seed, image_size, progress):
+def _write_split(root, split, num, seed, image_size, progress, categories_per_group):
     """Write ``num`` images of ``split`` and return the COCO json dict."""
+    table = categories(categories_per_group)
     folder = os.path.join(root, split)
     os.makedirs(folder, exist_ok=True)
     images, annotations = [], []
@@ -292,21 +278,22 @@ def _write_split(root, split, num, seed, image_size, progress):
         from tqdm import tqdm
         indices = tqdm(indices, desc=f"{split} images", unit="img")
     for i in indices:
-        img, objects = _make_image(seed, split, i, image_size)
+        img, objects = _make_image(seed, split, i, image_size, categories_per_group)
         file_name = f"{i:06d}.jpg"
         img.save(os.path.join(folder, file_name), quality=92)
         images.append({"id": i + 1, "file_name": file_name, "width": img.width, "height": img.height})
         for k, (x0, y0, x1, y1) in objects:
             annotations.append({
-                "id": len(annotations) + 1, "image_id": i + 1, "category_id": CATEGORIES[k][0],
+                "id": len(annotations) + 1, "image_id": i + 1, "category_id": table[k][0],
                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
                 "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]})
+    info = {"description": "fqdetr built-in shapes world", "version": GENERATOR_VERSION,
+            "seed": seed, "split": split, "image_size": image_size}
+    if categories_per_group != 4:  # absent means 4: the default json keeps its bytes
+        info["categories_per_group"] = categories_per_group
     return {
-        "info": {"description": "fqdetr built-in shapes world", "version": GENERATOR_VERSION,
-                 "seed": seed, "split": split, "image_size": image_size},
-        "licenses": [],
-        "images": images, "annotations": annotations,
-        "categories": [{"id": c[0], "name": c[1], "supercategory": c[2]} for c in CATEGORIES],
+        "info": info, "licenses": [], "images": images, "annotations": annotations,
+        "categories": [{"id": c[0], "name": c[1], "supercategory": c[2]} for c in table],
     }
 
 
@@ -316,8 +303,11 @@ def builtin_paths(root, split):
 
 
 def make_builtin_dataset(out_dir, num_train=2000, num_val=500, image_size=128, seed=0,
-                         progress=False):
+                         progress=False, categories_per_group=4):
     """Generate the built-in dataset under ``out_dir``.
+
+    categories_per_group: 4 (16 categories) or 8 (32 categories, for finding 5 of
+    docs/METHOD.md section 6); the json's ``info`` records 8 as ``categories_per_group``.
 
     Layout: ``out_dir/{train,val}/NNNNNN.jpg`` and
     ``out_dir/annotations/instances_{train,val}.json`` (COCO instances format, boxes
@@ -328,10 +318,11 @@ def make_builtin_dataset(out_dir, num_train=2000, num_val=500, image_size=128, s
         raise ValueError(f"image_size must be >= 32, got {image_size}")
     if num_train < 0 or num_val < 0:
         raise ValueError("num_train and num_val must be >= 0")
+    categories(categories_per_group)  # validates it before any file is written
     os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
     out = {}
     for split, num in (("train", num_train), ("val", num_val)):
-        data = _write_split(out_dir, split, num, seed, image_size, progress)
+        data = _write_split(out_dir, split, num, seed, image_size, progress, categories_per_group)
         img_folder, ann_file = builtin_paths(out_dir, split)
         write_json(data, ann_file, indent=None)
         out[split] = {"img_folder": img_folder, "ann_file": ann_file,
@@ -342,8 +333,8 @@ def make_builtin_dataset(out_dir, num_train=2000, num_val=500, image_size=128, s
 
 
 def dataset_stats(ann):
-    """Counts of a COCO json (path or dict): per category, per supercategory and per
-    COCO area class ("small" < 32^2 <= "medium" < 96^2 <= "large")."""
+    """Counts of a COCO json (path or dict): categories, and annotations per category, per
+    supercategory and per COCO area class ("small" < 32^2 <= "medium" < 96^2 <= "large")."""
     if not isinstance(ann, dict):
         with open(ann) as f:
             ann = json.load(f)
@@ -358,4 +349,5 @@ def dataset_stats(ann):
         area = a["bbox"][2] * a["bbox"][3]
         sizes["small" if area < 32 ** 2 else "medium" if area < 96 ** 2 else "large"] += 1
     return {"num_images": len(ann["images"]), "num_annotations": len(ann["annotations"]),
-            "per_category": per_cat, "per_supercategory": per_super, "per_size": sizes}
+            "num_categories": len(names), "per_category": per_cat, "per_supercategory": per_super,
+            "per_size": sizes}
