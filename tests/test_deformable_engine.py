@@ -97,6 +97,26 @@ def test_train_writes_a_deformable_checkpoint_that_rebuilds(trained):
     assert "Deformable DETR" in report
 
 
+def test_train_flag_chooses_box_refinement(tiny_data, tmp_path):
+    out = _train(tiny_data, tmp_path / "refine", "deformable_tiny", "--with-box-refine")
+    model = load_detr_checkpoint(out / "best.pth")
+    assert model.with_box_refine and not model.two_stage
+    assert len(model.class_embed) == 2 and model.class_embed[0] is not model.class_embed[1]  # one head per layer
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--preset", "tiny", "--with-box-refine"], "--with-box-refine: only for Deformable DETR presets"),
+    (["--preset", "tiny", "--two-stage", "--enc-n-points", "2"],
+     "--enc-n-points, --two-stage: only for Deformable DETR presets"),
+    (["--preset", "deformable_tiny", "--two-stage"], "two_stage requires with_box_refine"),
+])
+def test_train_rejects_deformable_flags_that_do_not_apply(tiny_data, tmp_path, flags, message, capsys):
+    from fqdetr.cli import main
+
+    rc = main(["train", "--data", str(tiny_data), "--epochs", "1", *flags, "--out", str(tmp_path / "run")])
+    assert rc == 2 and message in capsys.readouterr().err
+
+
 def test_evaluation_keeps_the_best_pairs_per_image(trained, tiny_data):
     from fqdetr.engine import evaluate_model, make_loader, predict
     from fqdetr.engine.setup import checkpoint_geometry, load_datasets

@@ -87,6 +87,12 @@ def _add_model_options(g):
         g.add_argument(flag, type=typ, default=None, help=f"{text} (default: the preset's)")
     for flag, (_, _, text) in DEFORMABLE_FLAGS.items():
         g.add_argument(flag, type=positive_int, default=None, help=f"Deformable DETR: {text} (default: the preset's)")
+    g.add_argument("--with-box-refine", action="store_true",
+                   help="Deformable DETR: iterative bounding-box refinement (each decoder layer refines the "
+                        "previous layer's boxes, one head per layer; default: the preset's)")
+    g.add_argument("--two-stage", action="store_true",
+                   help="Deformable DETR: two-stage (queries from the encoder's top-scoring proposals; "
+                        "needs --with-box-refine; default: the preset's)")
     g.add_argument("--no-aux-loss", action="store_true", help="no auxiliary decoder losses")
     g.add_argument("--eos-coef", type=float, default=0.1,
                    help="DETR's no-object class weight (default 0.1; Deformable DETR has no such class)")
@@ -132,8 +138,9 @@ def _arch(args):
 
     arch = given(ARCH_FLAGS)
     deformable = given(DEFORMABLE_FLAGS)
+    deformable.update({key: True for key in ("with_box_refine", "two_stage") if getattr(args, key)})
     if deformable and not args.resume and family_of_preset(args.preset).name != DEFORMABLE:
-        flags = sorted(f for f in DEFORMABLE_FLAGS if DEFORMABLE_FLAGS[f][1] in deformable)
+        flags = sorted("--" + key.replace("_", "-") for key in deformable)
         raise ValueError(f"{', '.join(flags)}: only for Deformable DETR presets, not --preset {args.preset}")
     arch.update(deformable)
     if args.norm:
