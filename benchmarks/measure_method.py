@@ -8,6 +8,11 @@ the shipped DETR quantized W4A8 (calibrated on the first 4 batches), critical se
         The regulariser's estimators ("batch", "per-sample") against the exact tr(F_crit) of the
         Fisher collector, batch by batch (batches of 8), and each one's QAT step time against a
         plain QAT step (interleaved in this process, 1 thread).
+    python benchmarks/measure_method.py hessian [--images 200] [--probes 2]
+        Why the "hessian" arm of the study collapses: the Hutchinson traces (overall objective) of
+        the same quantized model from two independent probe seeds, and of the float model (the same
+        modules with fake quant off, HAWQ's choice): how many layers come out negative, and how
+        many change sign between the two probe seeds (estimator noise, not curvature).
 
 Prints one JSON object. Wall times depend on the machine's load: read the ratios.
 """
@@ -17,6 +22,7 @@ import json
 import math
 import os
 import time
+import unittest.mock
 
 import torch
 
@@ -28,7 +34,7 @@ from fqdetr.engine.setup import checkpoint_geometry, critical_setup, load_datase
 from fqdetr.models import load_detr_checkpoint
 from fqdetr.quant import quantized_weights
 from fqdetr.regularize import FisherTraceRegularizer
-from fqdetr.sensitivity import fisher_traces
+from fqdetr.sensitivity import fisher_traces, hutchinson_traces
 
 MODEL = "models/detr_tiny_builtin.pth"
 CANDIDATES = (2, 3, 4, 5, 6, 8)
@@ -131,6 +137,28 @@ def measure_regularizer(images, rounds):
     return result
 
 
+def measure_hessian(images, probes):
+    """Hutchinson traces of the quantized model (probe seeds 0 and 1) and of the float model,
+    unclipped: negative layers, sign flips between the seeds, and the traces themselves."""
+    model, objectives, _, loader = setup(images)
+    overall = objectives["fixed"]["overall"]
+    float_model = copy.deepcopy(model)
+    for module in float_model.modules():
+        if hasattr(module, "fake_quant_enabled"):
+            module.fake_quant_enabled = False
+    runs = {"quantized seed 0": (model, 0), "quantized seed 1": (model, 1), "float seed 0": (float_model, 0)}
+    traces = {}
+    for name, (m, seed) in runs.items():
+        with unittest.mock.patch("fqdetr.sensitivity.clip_negative_traces", lambda t: t):  # the raw estimates
+            traces[name] = hutchinson_traces(copy.deepcopy(m), loader, overall, probes=probes, seed=seed,
+                                             progress=False)
+    a, b = traces["quantized seed 0"], traces["quantized seed 1"]
+    flips = sorted(n for n in a if (a[n] < 0) != (b[n] < 0))
+    return {"images": images, "probes_per_batch": probes, "layers": len(a),
+            "negative": {name: sorted(n for n, v in tr.items() if v < 0) for name, tr in traces.items()},
+            "sign_flips_between_probe_seeds": flips, "traces": traces}
+
+
 def _step_times(model, criterion, critical, loader, rounds):
     """{arm: [seconds per QAT step]}: one step of each arm in turn, ``rounds`` times, on copies."""
     arms = {"plain": {}, "batch": {"reg_lambda": 0.1, "reg_estimator": "batch"},
@@ -148,14 +176,19 @@ def _step_times(model, criterion, critical, loader, rounds):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["normalizer", "regularizer"])
+    p.add_argument("what", choices=["normalizer", "regularizer", "hessian"])
     p.add_argument("--images", type=int, default=48)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--probes", type=int, default=2, help="hessian: Hutchinson probes per batch (default 2)")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    out = measure_normalizer(args.images) if args.what == "normalizer" else measure_regularizer(args.images,
-                                                                                                 args.rounds)
+    if args.what == "normalizer":
+        out = measure_normalizer(args.images)
+    elif args.what == "regularizer":
+        out = measure_regularizer(args.images, args.rounds)
+    else:
+        out = measure_hessian(args.images, args.probes)
     out["load_average"] = os.getloadavg()
     print(json.dumps(out, indent=1))
 
