@@ -11,8 +11,10 @@ import fqkernels as fk
 from fqkernels import reference
 
 EPS = 2.0**-24  # float32 unit roundoff
+DOUBLE_EPS = 2.0**-53  # float64 unit roundoff
 pytestmark = pytest.mark.skipif("cpu" not in fk.available_backends(), reason="fqkernels._cpu not built")
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Examples per test and their randomness come from the hypothesis profile (tests/conftest.py).
+SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 dims = st.integers(1, 37)
 bits = st.integers(2, 8)
@@ -155,10 +157,14 @@ def test_per_sample_fisher_cpu_and_reference_against_loop(n, t, k, m, layout, st
         sq = fk.per_sample_sq_norms(x, d, batch_dim=batch_dim, backend=backend)
         assert sq.shape == (n,)
         assert ((sq.double() - exact_norms).abs() <= norm_bound).all(), backend
-        # float64 accumulation into an existing buffer adds, and is (nearly) exact
+        # float64 accumulation into an existing buffer adds, and is (nearly) exact. The offset
+        # costs two float64 roundings of |0.25 + F| (adding into the buffer, subtracting 0.25
+        # here), which the float32 bound does not cover where A_n is near 0 (an input near 0:
+        # F ~ 1e-20, bound ~ 1e-27, rounding of 0.25 ~ 3e-17; found by a run of this test).
         out = torch.full((m, k), 0.25, dtype=torch.float64)
         fk.per_sample_fisher(x, d, batch_dim=batch_dim, out=out, backend=backend)
-        assert ((out - 0.25 - exact).abs() <= bound).all(), backend
+        offset_rounding = 2 * DOUBLE_EPS * (0.25 + exact)
+        assert ((out - 0.25 - exact).abs() <= bound + offset_rounding).all(), backend
 
 
 @SETTINGS
