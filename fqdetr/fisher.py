@@ -16,6 +16,7 @@ per-image gradients wrong. For DETR use SetCriterion(reduction="per_image") with
 fixed ``num_boxes``. ``backward`` refuses a scalar loss, and entering the collector
 with BatchNorm layers in training mode raises.
 """
+import contextlib
 import fnmatch
 import json
 
@@ -36,6 +37,21 @@ _LAYERS = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
 
 def _weight_of(module):
     return module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
+
+
+@contextlib.contextmanager
+def weights_requiring_grad(weights):
+    """Every tensor of ``weights`` requires grad inside the block, and the flags are restored after:
+    a layer's Fisher (or Hessian) needs its weight's gradient even where training freezes the layer
+    (DETR's stem and layer1, which the allocation gives bits too)."""
+    frozen = [w for w in weights if not w.requires_grad]
+    for w in frozen:
+        w.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for w in frozen:
+            w.requires_grad_(False)
 
 
 class FisherCollector:
@@ -66,6 +82,7 @@ class FisherCollector:
                      for n, m in self.modules.items()}
         self.counts = dict.fromkeys(self.modules, 0)
         self._handles = []
+        self._unfrozen = None
 
     def _batch_dim(self, name, module):
         parent = self.model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else None
@@ -85,11 +102,14 @@ class FisherCollector:
         if coupled:
             raise ValueError(f"model: BatchNorm layers in training mode couple the images of a batch, so per-image "
                              f"gradients are not separable: {coupled[:4]}; call model.eval() or freeze them")
+        self._unfrozen = weights_requiring_grad([_weight_of(m) for m in self.modules.values()])
+        self._unfrozen.__enter__()
         for name, module in self.modules.items():
             self._attach(name, module)
         return self
 
     def __exit__(self, *exc):
+        self._unfrozen.__exit__(*exc)
         for h in self._handles:
             h.remove()
         self._handles = []

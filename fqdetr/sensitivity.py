@@ -16,7 +16,7 @@ from tqdm import tqdm
 import fqkernels as fk
 from fqdetr.critical import SELECTIVE_MODES, CriticalLoss, criterion_like, head_of
 from fqdetr.engine.distributed import all_reduce_fisher, all_reduce_sum, rank
-from fqdetr.fisher import FisherCollector
+from fqdetr.fisher import FisherCollector, weights_requiring_grad
 from fqdetr.models.criterion import weighted_loss
 from fqdetr.models.deformable import DeformableDETR
 from fqdetr.quant import quantized_weights
@@ -196,7 +196,7 @@ def hutchinson_traces(model, loader, objective, num_batches=None, probes=2, seed
     model.eval()
     for images, mask, targets in tqdm(_batches(loader, num_batches), total=num_batches, desc="hutchinson",
                                       disable=not progress, leave=False):
-        with fk.differentiable():
+        with fk.differentiable(), weights_requiring_grad(params):  # frozen layers get a trace too
             sums += _hutchinson_batch(params, objective(model((images, mask)), targets).sum(), probes, gen)
         count += len(targets)
     all_reduce_sum(sums)

@@ -122,3 +122,32 @@ def test_batch_coupled_losses_are_refused():
         FisherCollector(Block())
     with pytest.raises(ValueError, match="layers"):
         FisherCollector(model, layers=["nothing*"])
+
+
+@pytest.mark.parametrize("fake_quant", [False, True])
+def test_frozen_layers_keep_frozen_scales_and_still_get_their_fisher(fake_quant):
+    """A layer frozen before quantization (DETR's stem and layer1) gets frozen step sizes, so a
+    training backward stops above it; the collector still reaches it (its weight requires grad
+    inside the context only) and its Fisher equals the per-image oracle's."""
+    torch.manual_seed(0)
+    float_model = Block()
+    float_model.conv.requires_grad_(False)
+    model = quantize_model(float_model, QuantConfig(w_bits=4, a_bits=8))
+    set_fake_quant(model, fake_quant)
+    conv_scales = [model.conv.weight_quantizer.scale, model.conv.input_quantizer.scale]
+    assert not any(s.requires_grad for s in conv_scales)
+    assert model.head.weight_quantizer.scale.requires_grad and model.head.input_quantizer.scale.requires_grad
+    x, target = torch.randn(3, 4, 7, 6), torch.randn(3, 12, 3)
+    model(x)
+    per_image_losses(model, x, target).sum().backward()
+    assert model.conv.weight.grad is None and all(s.grad is None for s in conv_scales)
+    model.zero_grad(set_to_none=True)
+    with FisherCollector(model, batch_dims=BATCH_DIMS) as fc:
+        fc.backward(per_image_losses(model, x, target))
+    assert not model.conv.weight.requires_grad  # restored on exit
+    assert fc.counts["conv"] == 3
+    model.conv.weight.requires_grad_(True)
+    want = oracle(model, x, target, {"conv"})["conv"]
+    # As in test_collector_matches_per_sample_autograd: fp32 sums in another order, bound 1e-5.
+    assert want.norm() > 0
+    assert (fc.sums["conv"].double() - want).norm() / want.norm() < 1e-5

@@ -15,6 +15,7 @@ from torch import nn
 from fqdetr.quant.attention import QuantMultiheadAttention
 from fqdetr.quant.config import QuantConfig
 from fqdetr.quant.modules import QuantConv2d, QuantLinear
+from fqdetr.quant.quantizer import Quantizer
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,18 @@ def _with_modes_of(float_module, qmodule):
     return qmodule
 
 
+def _with_trainability_of(float_module, qmodule):
+    """qmodule with frozen step sizes when none of float_module's parameters trains (DETR's stem
+    and layer1): QAT then keeps them at their calibration, and its backward stops where the float
+    model's does instead of running on through the frozen layers only to reach their scales.
+    FisherCollector still reaches these layers (it makes the weights it collects require grad)."""
+    if not any(p.requires_grad for p in float_module.parameters()):
+        for q in qmodule.modules():
+            if isinstance(q, Quantizer):
+                q.scale.requires_grad_(False)
+    return qmodule
+
+
 def _swap_children(parent, prefix, config, report):
     # A module held under several names (Deformable DETR's shared class_embed.{i}) gets one
     # quantized copy under all of them; named_children would list it only once.
@@ -84,7 +97,8 @@ def _swap_children(parent, prefix, config, report):
         if layer_cfg is None:
             report.skipped.append(name)
             continue
-        qchild = copies[id(child)] = _with_modes_of(child, target.from_float(child, layer_cfg))
+        qchild = target.from_float(child, layer_cfg)
+        qchild = copies[id(child)] = _with_trainability_of(child, _with_modes_of(child, qchild))
         setattr(parent, child_name, qchild)
         report.swapped[name] = _describe(qchild, layer_cfg)
 
