@@ -6,6 +6,7 @@ DistributedDataParallel SGD steps of a small MLP, the weights saved per rank.
     torchrun --nproc_per_node 2 tests/_dist_fisher_worker.py OUT_DIR
     python tests/_dist_fisher_worker.py OUT_DIR          # single process, same code path
 """
+import faulthandler
 import json
 import sys
 from pathlib import Path
@@ -107,5 +108,8 @@ def main(out_dir):
 
 
 if __name__ == "__main__":
+    # A rank once aborted (SIGABRT, "terminate called without an active exception") after writing
+    # every output, inside torch's teardown; this prints the Python stack of such an abort.
+    faulthandler.enable()
     torch.set_num_threads(1)
     main(sys.argv[1])
