@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 
 import fqkernels as fk
-from fqdetr.fisher import FisherCollector
+from fqdetr.fisher import FisherCollector, weights_requiring_grad
 from fqdetr.engine.family import criterion_for, num_classes_of
 from fqdetr.models import build_deformable_detr, build_detr, load_detr_checkpoint, weighted_loss
-from fqdetr.quant import QuantConfig, calibrate, quantize_model
+from fqdetr.quant import QuantConfig, calibrate, quantize_model, quantized_weights
 from fqdetr.quant import attention as quant_attention
 from fqdetr.quant import inference as quant_inference
 from fqdetr.quant import modules as quant_modules
@@ -198,18 +198,20 @@ def fused_fisher_runner(c):
 
 
 def per_image_loop_runner(c):
-    """Per-sample gradients the plain way: one image at a time, squared and summed."""
+    """Per-sample gradients the plain way: one image at a time, squared and summed, for the layers
+    the fused collector covers (every quantized layer, frozen ones included)."""
     model = c["quant"]
-    weights = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() > 1]
+    weights = [w for w, _ in quantized_weights(model).values()]
 
     def run():
         sums = [torch.zeros_like(w) for w in weights]
-        for i, t in enumerate(c["targets"]):
-            model.zero_grad(set_to_none=True)
-            _loss(c, model, c["images"][i:i + 1], c["mask"][i:i + 1], [t]).backward()
-            for s, w in zip(sums, weights):
-                if w.grad is not None:
-                    s.addcmul_(w.grad, w.grad)
+        with weights_requiring_grad(weights):
+            for i, t in enumerate(c["targets"]):
+                model.zero_grad(set_to_none=True)
+                _loss(c, model, c["images"][i:i + 1], c["mask"][i:i + 1], [t]).backward()
+                for s, w in zip(sums, weights):
+                    if w.grad is not None:
+                        s.addcmul_(w.grad, w.grad)
         return sums
     return run
 
