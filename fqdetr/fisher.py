@@ -82,7 +82,7 @@ class FisherCollector:
                      for n, m in self.modules.items()}
         self.counts = dict.fromkeys(self.modules, 0)
         self._handles = []
-        self._unfrozen = None
+        self._exit_stack = contextlib.ExitStack()
 
     def _batch_dim(self, name, module):
         parent = self.model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else None
@@ -102,21 +102,26 @@ class FisherCollector:
         if coupled:
             raise ValueError(f"model: BatchNorm layers in training mode couple the images of a batch, so per-image "
                              f"gradients are not separable: {coupled[:4]}; call model.eval() or freeze them")
-        self._unfrozen = weights_requiring_grad([_weight_of(m) for m in self.modules.values()])
-        self._unfrozen.__enter__()
-        for name, module in self.modules.items():
-            self._attach(name, module)
+        # The stack undoes whatever was set up, also when setting up fails half-way.
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(weights_requiring_grad([_weight_of(m) for m in self.modules.values()]))
+            stack.callback(self._detach)
+            for name, module in self.modules.items():
+                self._attach(name, module)
+            self._exit_stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc):
-        self._unfrozen.__exit__(*exc)
+        self._exit_stack.close()
+        return False
+
+    def _detach(self):
         for h in self._handles:
             h.remove()
         self._handles = []
         for module in self.modules.values():
             if isinstance(module, _FUSED):
                 module.fisher_accumulator = None
-        return False
 
     def _attach(self, name, module):
         bd = self._batch_dim(name, module)

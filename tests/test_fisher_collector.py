@@ -151,3 +151,26 @@ def test_frozen_layers_keep_frozen_scales_and_still_get_their_fisher(fake_quant)
     # As in test_collector_matches_per_sample_autograd: fp32 sums in another order, bound 1e-5.
     assert want.norm() > 0
     assert (fc.sums["conv"].double() - want).norm() / want.norm() < 1e-5
+
+
+def test_a_collector_that_fails_to_attach_leaves_the_model_as_it_was(monkeypatch):
+    """Setting up half-way and failing must not leave frozen weights requiring grad, forward
+    hooks counting, or fused layers accumulating into a collector nobody reads."""
+    float_model = Block()
+    float_model.conv.requires_grad_(False)
+    model = quantize_model(float_model, QuantConfig(w_bits=4, a_bits=8))
+    collector = FisherCollector(model, batch_dims=BATCH_DIMS)
+    attach, attached = collector._attach, []
+
+    def attach_then_fail(name, module):
+        if len(attached) == 3:
+            raise RuntimeError("attach failed")
+        attach(name, module)
+        attached.append(name)
+
+    monkeypatch.setattr(collector, "_attach", attach_then_fail)
+    with pytest.raises(RuntimeError, match="attach failed"):
+        collector.__enter__()
+    assert not model.conv.weight.requires_grad
+    assert all(getattr(m, "fisher_accumulator", None) is None for m in model.modules())
+    assert all(not m._forward_hooks for m in model.modules())
