@@ -11,7 +11,8 @@ from fqdetr.models import (DEFORMABLE_PRESETS, DETR, DeformableDETR, FocalHungar
                            TopKPostProcess, build_deformable_criterion, build_deformable_detr, build_detr,
                            checkpoint_family, infer_deformable_config, load_detr_checkpoint,
                            ms_deform_attn_sample, save_detr_checkpoint, sigmoid_focal_loss, weighted_loss)
-from fqdetr.models.deformable.transformer import encoder_proposals
+from fqdetr.models.deformable.transformer import encoder_proposals, valid_ratios_of
+from fqdetr.models.misc import NestedTensor
 
 ODD_SHAPES = [(5, 7), (3, 2), (1, 1)]
 
@@ -128,13 +129,18 @@ def test_two_stage_proposals_skip_padding_and_the_border():
     mask = torch.zeros(1, 20, dtype=torch.bool)
     mask[0, [3, 7, 11, 15]] = True  # level 0: last column is padding
     memory = torch.ones(1, 20, 3)
-    kept, logits = encoder_proposals(memory, mask, shapes)
+    official = torch.stack([valid_ratios_of(mask[:, :16].view(1, 4, 4)),
+                            valid_ratios_of(mask[:, 16:].view(1, 2, 2))], 1)
+    kept, logits = encoder_proposals(memory, mask, shapes, official)
     unusable = torch.isinf(logits).any(-1)[0]
     assert unusable[[3, 7, 11, 15]].all() and not kept[0, [3, 7, 11, 15]].any()
     boxes = logits[0, ~unusable].sigmoid()
     torch.testing.assert_close(boxes[0], torch.tensor([0.5 / 3, 0.5 / 4, 0.05, 0.05]))  # valid width 3
     torch.testing.assert_close(logits[0, 16].sigmoid(), torch.tensor([0.25, 0.25, 0.1, 0.1]))
     assert torch.equal(kept[0, ~unusable], memory[0, ~unusable])
+    # "strided" ratios: the image spans 2.5 of level 0's 4 columns, so proposals are relative to 2.5
+    _, logits = encoder_proposals(memory, mask, shapes, torch.tensor([[[0.625, 1.0], [1.0, 1.0]]]))
+    torch.testing.assert_close(logits[0, 0].sigmoid(), torch.tensor([0.5 / 2.5, 0.5 / 4, 0.05, 0.05]))
 
 
 OFFICIAL_SHAPES = {
@@ -192,6 +198,46 @@ def test_r50_box_refine_and_two_stage_have_the_official_extra_heads():
 
 def _tiny(**overrides):
     return build_deformable_detr("deformable_tiny", num_classes=5, **overrides)
+
+
+def _canvas(height, width, side=200):
+    """One zero image of height x width on a side x side canvas: NestedTensor([1, 3, side, side])."""
+    mask = torch.ones(1, side, side, dtype=torch.bool)
+    mask[:, :height, :width] = False
+    return NestedTensor(torch.zeros(1, 3, side, side), mask)
+
+
+def test_strided_level_masks_keep_every_level_aligned_with_the_image():
+    """A 120 x 160 image on a 200-px canvas (not a multiple of the strides 16-64): with "strided"
+    masks it covers ceil(size / stride) cells of every level and exactly size / (stride * cells)
+    of it. The official nearest resize (kept for official checkpoints) reads pixel i * 200 / cells,
+    so at stride 64 (4 cells, spanning 256 px) it counts the whole width as image."""
+    samples = _canvas(120, 160)
+    _, masks, _, ratios = _tiny()._levels(samples)
+    for level, (mask, stride) in enumerate(zip(masks, (8, 16, 32, 64))):
+        cells = math.ceil(200 / stride)
+        assert mask.shape == (1, cells, cells)
+        assert int((~mask[0, :, 0]).sum()) == math.ceil(120 / stride)
+        assert int((~mask[0, 0, :]).sum()) == math.ceil(160 / stride)
+        want = torch.tensor([160 / (stride * cells), 120 / (stride * cells)])
+        torch.testing.assert_close(ratios[0, level], want)
+    official = _tiny(level_masks="nearest")
+    _, masks, _, ratios = official._levels(samples)
+    assert ratios is None and not masks[3][0, 0, :].any()  # 4 of 4 stride-64 cells "valid": 256 px
+    assert official.config["level_masks"] == "nearest" and _tiny().config["level_masks"] == "strided"
+    with pytest.raises(ValueError, match="level_masks"):
+        _tiny(level_masks="bilinear")
+
+
+def test_checkpoints_without_level_masks_rebuild_with_the_official_masks(tmp_path):
+    """Checkpoints written before ``level_masks`` existed were trained with the nearest resize;
+    they must load as such (new ones store the key)."""
+    model = _tiny()
+    legacy = {k: v for k, v in model.config.items() if k != "level_masks"}
+    atomic_torch_save({"model": model.state_dict(), "args": legacy}, tmp_path / "old.pth")
+    atomic_torch_save({"model": model.state_dict(), "args": model.config}, tmp_path / "new.pth")
+    assert load_detr_checkpoint(tmp_path / "old.pth").backbone[0].level_masks == "nearest"
+    assert load_detr_checkpoint(tmp_path / "new.pth").backbone[0].level_masks == "strided"
 
 
 @pytest.mark.parametrize("variant", [{}, {"with_box_refine": True}, {"with_box_refine": True, "two_stage": True}])

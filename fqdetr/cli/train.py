@@ -93,6 +93,10 @@ def _add_model_options(g):
     g.add_argument("--two-stage", action="store_true",
                    help="Deformable DETR: two-stage (queries from the encoder's top-scoring proposals; "
                         "needs --with-box-refine; default: the preset's)")
+    g.add_argument("--level-masks", choices=("nearest", "strided"), default=None,
+                   help="Deformable DETR: each feature level's padding mask, 'nearest' (the official resize) or "
+                        "'strided' (cells whose own pixels are padding: stays aligned on a --canvas that is not "
+                        "a multiple of the strides 16-64; default: the preset's, strided for deformable_tiny)")
     g.add_argument("--no-aux-loss", action="store_true", help="no auxiliary decoder losses")
     g.add_argument("--eos-coef", type=float, default=0.1,
                    help="DETR's no-object class weight (default 0.1; Deformable DETR has no such class)")
@@ -139,6 +143,8 @@ def _arch(args):
     arch = given(ARCH_FLAGS)
     deformable = given(DEFORMABLE_FLAGS)
     deformable.update({key: True for key in ("with_box_refine", "two_stage") if getattr(args, key)})
+    if args.level_masks:
+        deformable["level_masks"] = args.level_masks
     if deformable and not args.resume and family_of_preset(args.preset).name != DEFORMABLE:
         flags = sorted("--" + key.replace("_", "-") for key in deformable)
         raise ValueError(f"{', '.join(flags)}: only for Deformable DETR presets, not --preset {args.preset}")

@@ -179,7 +179,10 @@ def infer_deformable_config(sd: Mapping[str, Tensor], args=None) -> Dict[str, An
     return config
 
 
-_DEFORMABLE_KEYS = tuple(inspect.signature(deformable_detr_from_config).parameters)
+# Keys added after checkpoints had been written: a checkpoint without one was made (and is
+# rebuilt) with the builder's default, the behaviour before the key existed.
+_LATER_KEYS = ("level_masks",)
+_DEFORMABLE_KEYS = tuple(k for k in inspect.signature(deformable_detr_from_config).parameters if k not in _LATER_KEYS)
 
 # family -> (builder, keys our own checkpoints store in args, inference from official files)
 _FAMILIES = {"detr": (detr_from_config, _CONFIG_KEYS, infer_config),
@@ -192,6 +195,7 @@ def model_from_checkpoint(ckpt: Mapping, sd: Mapping[str, Tensor], **overrides) 
     builder, keys, infer = _FAMILIES[checkpoint_family(sd)]
     args = _args_dict(ckpt.get("args"))
     config = {k: args[k] for k in keys} if args and all(k in args for k in keys) else infer(sd, args)
+    config.update({k: args[k] for k in _LATER_KEYS if k in args})
     return builder(**{**config, **overrides})
 
 

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from ..detr import MLP
 from ..misc import NestedTensor, SampleLike, to_nested_tensor
-from .backbone import MultiScaleJoiner, build_multiscale_backbone
-from .transformer import DeformableTransformer, clone_modules, inverse_sigmoid
+from .backbone import MultiScaleJoiner, build_multiscale_backbone, level_mask
+from .transformer import DeformableTransformer, clone_modules, inverse_sigmoid, valid_ratios_of
 
 _GROUPS = 32  # GroupNorm groups of the input projections (official)
 
@@ -71,6 +71,9 @@ class DeformableDETR(nn.Module):
         if not two_stage:
             self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)  # (query_pos, tgt)
         self.input_proj = _input_projections(list(backbone.num_channels), hidden_dim, num_feature_levels)
+        # the extra levels' stride-2 convolutions double the last backbone stride
+        self.level_strides = [*backbone.strides, *(backbone.strides[-1] * 2 ** (i + 1)
+                                                   for i in range(num_feature_levels - len(backbone.strides)))]
         self._build_heads(hidden_dim, num_classes, transformer.decoder.num_layers + int(two_stage))
 
     def _build_heads(self, hidden_dim: int, num_classes: int, num_pred: int) -> None:
@@ -96,17 +99,27 @@ class DeformableDETR(nn.Module):
                 nn.init.zeros_(head.layers[-1].bias[2:])
 
     def _levels(self, samples: NestedTensor):
-        """-> srcs [B, d, H_l, W_l], masks [B, H_l, W_l], pos [B, d, H_l, W_l], per level."""
+        """-> srcs [B, d, H_l, W_l], masks [B, H_l, W_l], pos [B, d, H_l, W_l], per level, and the
+        valid ratios [B, L, 2] ("strided" level masks; None: the transformer takes them from the masks)."""
         features, pos = self.backbone(samples)
         srcs = [proj(f.tensors) for proj, f in zip(self.input_proj, features)]
         masks = [f.mask for f in features]
+        mode, strides = self.backbone[0].level_masks, self.level_strides
         for level in range(len(features), self.num_feature_levels):
             src = self.input_proj[level](features[-1].tensors if level == len(features) else srcs[-1])
-            mask = F.interpolate(samples.mask[None].float(), size=src.shape[-2:])[0].to(torch.bool)
+            mask = level_mask(samples.mask, src.shape[-2:], strides[level], mode)
             srcs.append(src)
             masks.append(mask)
             pos.append(self.backbone[1](NestedTensor(src, mask)).to(src.dtype))
-        return srcs, masks, pos
+        if mode == "nearest":
+            return srcs, masks, pos, None
+        # The image's own extent on each level, (w, h) / (stride * (W_l, H_l)); the count of valid
+        # cells that the official ratios use rounds it up to whole cells (up to 64 px at stride 64).
+        mask = samples.mask
+        image = torch.stack([(~mask[:, 0, :]).sum(1), (~mask[:, :, 0]).sum(1)], -1).to(srcs[0].dtype)  # [B, 2] px
+        # divided by each size on its own, as valid_ratios_of does: an exported graph keeps the sizes dynamic
+        return srcs, masks, pos, torch.stack([torch.stack([image[:, 0] / s.shape[-1], image[:, 1] / s.shape[-2]], -1)
+                                              / stride for s, stride in zip(srcs, strides)], 1)
 
     def _heads(self, hs: Tensor):
         """hs [L, B, Q, d] -> class logits [L, B, Q, C] and box deltas [L, B, Q, 4] of every decoder layer.
@@ -124,9 +137,9 @@ class DeformableDETR(nn.Module):
 
     def forward(self, samples: SampleLike) -> Dict[str, object]:
         samples = to_nested_tensor(samples)
-        srcs, masks, pos = self._levels(samples)
+        srcs, masks, pos, valid_ratios = self._levels(samples)
         query_embed = None if self.two_stage else self.query_embed.weight
-        hs, init_ref, refs, enc_class, enc_coord = self.transformer(srcs, masks, pos, query_embed)
+        hs, init_ref, refs, enc_class, enc_coord = self.transformer(srcs, masks, pos, query_embed, valid_ratios)
         logits, deltas = self._heads(hs)
         boxes = []
         for i in range(hs.shape[0]):
@@ -155,10 +168,12 @@ DEFORMABLE_PRESETS: Dict[str, Dict[str, object]] = {
     "deformable_r50": dict(_OFFICIAL),
     "deformable_r50_box_refine": dict(_OFFICIAL, with_box_refine=True),
     "deformable_r50_two_stage": dict(_OFFICIAL, with_box_refine=True, two_stage=True),
-    # From-scratch CPU model: R18 topology at 1/4 width, 2+2 layers, everything trainable.
+    # From-scratch CPU model: R18 topology at 1/4 width, 2+2 layers, everything trainable; trained
+    # on a fixed canvas (200 px: not a multiple of the strides 16-64), so level masks by stride.
     "deformable_tiny": dict(_OFFICIAL, backbone="resnet18", backbone_width=16, hidden_dim=64, nheads=4,
                             enc_layers=2, dec_layers=2, dim_feedforward=128, num_queries=20,
-                            trainable_layers=["conv1", "layer1", "layer2", "layer3", "layer4"]),
+                            trainable_layers=["conv1", "layer1", "layer2", "layer3", "layer4"],
+                            level_masks="strided"),
 }
 
 
@@ -169,13 +184,16 @@ def deformable_detr_from_config(num_classes: int = 91, backbone: str = "resnet50
                                 dim_feedforward: int = 1024, dropout: float = 0.1, num_queries: int = 300,
                                 aux_loss: bool = True, num_feature_levels: int = 4, enc_n_points: int = 4,
                                 dec_n_points: int = 4, with_box_refine: bool = False,
-                                two_stage: bool = False) -> DeformableDETR:
-    """Build a Deformable DETR from plain keyword arguments (the official argparse names);
-    sets ``.config`` (a plain dict, so it pickles under weights_only loading)."""
+                                two_stage: bool = False, level_masks: str = "nearest") -> DeformableDETR:
+    """Build a Deformable DETR from plain keyword arguments (the official argparse names, plus
+    ``level_masks``: "nearest" as the official code, "strided" for fixed-canvas training; see
+    fqdetr.models.deformable.backbone.level_mask); sets ``.config`` (a plain dict, so it pickles
+    under weights_only loading)."""
     config = dict(locals())
     joiner = build_multiscale_backbone(backbone, hidden_dim=hidden_dim, train_backbone=train_backbone,
                                        dilation=dilation, width=backbone_width, norm=norm,
-                                       trainable_layers=trainable_layers, multi_scale=num_feature_levels > 1)
+                                       trainable_layers=trainable_layers, multi_scale=num_feature_levels > 1,
+                                       level_masks=level_masks)
     transformer = DeformableTransformer(
         d_model=hidden_dim, nhead=nheads, num_encoder_layers=enc_layers, num_decoder_layers=dec_layers,
         dim_feedforward=dim_feedforward, dropout=dropout, num_feature_levels=num_feature_levels,

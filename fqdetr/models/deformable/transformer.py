@@ -186,25 +186,25 @@ def proposal_pos_embed(proposals: Tensor, num_pos_feats: int = 128, temperature:
     return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2).to(proposals.dtype)
 
 
-def encoder_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: SpatialShapes):
+def encoder_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: SpatialShapes, valid_ratios: Tensor):
     """Two-stage: one box proposal per memory position (its pixel, size 0.05 * 2^level).
 
-    memory [B, S, d], padding_mask [B, S] -> (memory [B, S, d] zeroed where the proposal
+    memory [B, S, d], padding_mask [B, S], valid_ratios [B, L, 2] (the image's width and height
+    in each level's cells: valid_ratios * (W_l, H_l); officially the count of valid cells,
+    which the mask-derived ratios give) -> (memory [B, S, d] zeroed where the proposal
     is unusable, proposal logits [B, S, 4] (cx, cy, w, h), +inf where unusable: padding,
     or a coordinate outside (0.01, 0.99)).
     """
     bsz = memory.shape[0]
     proposals, start = [], 0
     for level, (h, w) in enumerate(spatial_shapes):
-        mask = padding_mask[:, start:start + h * w].view(bsz, h, w)
         start += h * w
-        valid_h = (~mask[:, :, 0]).sum(1).to(memory.dtype)
-        valid_w = (~mask[:, 0, :]).sum(1).to(memory.dtype)
+        extent = valid_ratios[:, level] * torch.tensor([w, h], dtype=memory.dtype, device=memory.device)
         ys = torch.arange(h, dtype=memory.dtype, device=memory.device)
         xs = torch.arange(w, dtype=memory.dtype, device=memory.device)
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         grid = torch.stack([grid_x, grid_y], -1)[None] + 0.5  # [1, H, W, 2]
-        grid = grid / torch.stack([valid_w, valid_h], -1)[:, None, None, :]
+        grid = grid / extent[:, None, None, :]
         wh = torch.full_like(grid, 0.05 * 2.0 ** level)
         proposals.append(torch.cat([grid, wh], -1).view(bsz, -1, 4))
     proposals = torch.cat(proposals, 1)
@@ -264,10 +264,11 @@ class DeformableTransformer(nn.Module):
                          for i, p in enumerate(pos_embeds)], 1)
         return src, mask, pos
 
-    def _two_stage_queries(self, memory: Tensor, mask: Tensor, spatial_shapes: SpatialShapes):
+    def _two_stage_queries(self, memory: Tensor, mask: Tensor, spatial_shapes: SpatialShapes,
+                           valid_ratios: Tensor):
         """-> (query_pos, tgt [B, Q, d], reference boxes [B, Q, 4], encoder class logits
         [B, S, C], encoder box logits [B, S, 4])."""
-        out_memory, proposals = encoder_proposals(memory, mask, spatial_shapes)
+        out_memory, proposals = encoder_proposals(memory, mask, spatial_shapes, valid_ratios)
         out_memory = self.enc_output_norm(self.enc_output(out_memory))
         enc_class = self.decoder.class_embed[self.decoder.num_layers](out_memory)
         enc_coord = self.decoder.bbox_embed[self.decoder.num_layers](out_memory) + proposals
@@ -282,9 +283,10 @@ class DeformableTransformer(nn.Module):
         return query_pos, tgt, boxes.sigmoid(), enc_class, enc_coord
 
     def forward(self, srcs: List[Tensor], masks: List[Tensor], pos_embeds: List[Tensor],
-                query_embed: Optional[Tensor] = None):
+                query_embed: Optional[Tensor] = None, valid_ratios: Optional[Tensor] = None):
         """srcs, pos_embeds: L levels [B, d, H_l, W_l]; masks: L [B, H_l, W_l] True on padding;
-        query_embed [Q, 2d] (query_pos, tgt), None in two-stage.
+        query_embed [Q, 2d] (query_pos, tgt), None in two-stage; valid_ratios [B, L, 2], the
+        image's (width, height) share of each level (default: from the masks, as officially).
 
         Returns (hs [n_dec, B, Q, d], initial references [B, Q, 2 or 4], per-layer
         references [n_dec, B, Q, 2 or 4], and two-stage encoder class logits [B, S, C] and
@@ -294,11 +296,13 @@ class DeformableTransformer(nn.Module):
             raise ValueError("query_embed is required unless two_stage")
         spatial_shapes = [tuple(s.shape[-2:]) for s in srcs]  # traced sizes while exported to ONNX
         src, mask, pos = self._flatten(srcs, masks, pos_embeds)
-        valid_ratios = torch.stack([valid_ratios_of(m) for m in masks], 1).to(src.dtype)  # [B, L, 2]
+        if valid_ratios is None:
+            valid_ratios = torch.stack([valid_ratios_of(m) for m in masks], 1).to(src.dtype)  # [B, L, 2]
         memory = self.encoder(src, spatial_shapes, valid_ratios, pos, mask)
         enc_class = enc_coord = None
         if self.two_stage:
-            query_pos, tgt, reference, enc_class, enc_coord = self._two_stage_queries(memory, mask, spatial_shapes)
+            query_pos, tgt, reference, enc_class, enc_coord = self._two_stage_queries(
+                memory, mask, spatial_shapes, valid_ratios)
         else:
             bsz = memory.shape[0]
             query_pos, tgt = query_embed.split(self.d_model, -1)
