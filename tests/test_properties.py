@@ -26,9 +26,10 @@ def _gen(seed):
 
 
 def _maybe_strided(x, strided):
-    """The same values as ``x`` in a non-contiguous view (every other column of a wider tensor)."""
+    """The same values as ``x`` in a new tensor, non-contiguous if ``strided`` (every other column
+    of a wider one): a fresh leaf per call, so two backends' gradients never accumulate into one."""
     if not strided:
-        return x
+        return x.clone()
     wide = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
     wide[..., ::2] = x
     wide[..., 1::2] = float("nan")  # never read

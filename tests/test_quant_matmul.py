@@ -29,7 +29,9 @@ CASES = [
 
 def _run(backend, a, b, sa, sb, case, grad_y):
     dev = device_for(backend)
-    a, b, sa, sb = (t.to(dev).requires_grad_() for t in (a, b, sa, sb))
+    # fresh leaves (t.to(dev) on t's own device is t itself): the reference's backward must not
+    # accumulate into, and alias, the gradients of the backend it is compared with
+    a, b, sa, sb = (t.detach().clone().to(dev).requires_grad_() for t in (a, b, sa, sb))
     y = fk.quant_matmul(a, b, sa, sb, *case[2:], a_grad_factor=0.5, b_grad_factor=2.0, backend=backend)
     y.backward(grad_y.to(dev))
     return tuple(t.cpu() for t in (y.detach(), a.grad, b.grad, sa.grad, sb.grad))
