@@ -9,6 +9,10 @@ from fqkernels import _ext, reference
 
 ALL_BITS = range(2, 9)
 HAS_CPU = "cpu" in fk.available_backends()
+# The compiled backends and the device their tensors live on (cuda: run by benchmarks/gpu_check.sh).
+COMPILED = [pytest.param("cpu", "cpu", marks=pytest.mark.skipif(not HAS_CPU, reason="fqkernels._cpu is not built")),
+            pytest.param("cuda", "cuda", marks=pytest.mark.skipif("cuda" not in fk.available_backends(),
+                                                                  reason="no CUDA device or fqkernels._cuda"))]
 ODD_SHAPES = [(1,), (7,), (33, 5), (3, 130), (2, 7, 33), (257, 1)]
 
 
@@ -69,7 +73,7 @@ def _compare_backend(backend, x, scale, bits, signed, axis):
     sr = scale.detach().clone().requires_grad_()
     xc = x.detach().clone().requires_grad_()
     sc = scale.detach().clone().requires_grad_()
-    g = torch.randn(x.shape).to(x.dtype)
+    g = torch.randn(x.shape).to(x.dtype).to(x.device)
     yr = fk.fake_quant(xr, sr, bits, signed, axis, grad_factor=0.3, backend="reference")
     yc = fk.fake_quant(xc, sc, bits, signed, axis, grad_factor=0.3, backend=backend)
     # Forward and input gradient: the same float32 formula elementwise, so bit-identical
@@ -86,17 +90,19 @@ def _compare_backend(backend, x, scale, bits, signed, axis):
     torch.testing.assert_close(sc.grad, sr.grad, rtol=1e-5, atol=bound)
 
 
-@pytest.mark.skipif(not HAS_CPU, reason="fqkernels._cpu is not built")
+@pytest.mark.parametrize("backend, device", COMPILED)
 @pytest.mark.parametrize("bits", ALL_BITS)
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_matches_reference(bits, signed, dtype):
+def test_compiled_backend_matches_reference(backend, device, bits, signed, dtype):
+    """Per tensor, per channel along the last and the first axis, on odd shapes; the reference
+    runs on the same device."""
     for shape in ODD_SHAPES:
-        x = (torch.randn(shape) * 3).to(dtype)
-        _compare_backend("cpu", x, torch.tensor([0.2]), bits, signed, None)
+        x = (torch.randn(shape) * 3).to(dtype).to(device)
+        _compare_backend(backend, x, torch.tensor([0.2], device=device), bits, signed, None)
         axis = len(shape) - 1 if len(shape) > 1 else 0
-        _compare_backend("cpu", x, _scales(shape[axis]), bits, signed, axis)
-        _compare_backend("cpu", x, _scales(shape[0]), bits, signed, 0)
+        _compare_backend(backend, x, _scales(shape[axis]).to(device), bits, signed, axis)
+        _compare_backend(backend, x, _scales(shape[0]).to(device), bits, signed, 0)
 
 
 @pytest.mark.skipif(not HAS_CPU, reason="fqkernels._cpu is not built")

@@ -48,14 +48,18 @@ def detr_files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
-@pytest.mark.parametrize("count", [1, 7, 8, 29])
-def test_pack_unpack_round_trip_at_every_bit_width(bits, count):
-    qmin, qmax = reference.qrange(bits, True)
+@pytest.mark.parametrize("count", [1, 2, 7, 8, 29])
+@pytest.mark.parametrize("signed", [True, False])
+def test_pack_unpack_round_trip_at_every_bit_width(bits, count, signed):
+    qmin, qmax = reference.qrange(bits, signed)
     codes = torch.randint(qmin, qmax + 1, (count,))
-    codes[0] = qmin  # both ends of the range
-    packed = pack_codes(codes, bits)
+    codes[0] = qmin  # both ends of the range: qmax is the all-ones field a masking bug would cut
+    codes[-1] = qmax if count > 1 else codes[-1]
+    for one_end in ([qmin], [qmax]):  # a single code, alone in its byte
+        assert unpack_codes(pack_codes(torch.tensor(one_end), bits, signed), 1, bits, signed).tolist() == one_end
+    packed = pack_codes(codes, bits, signed)
     assert packed.dtype == torch.uint8 and packed.numel() == packed_nbytes(count, bits) == -(-count * bits // 8)
-    assert torch.equal(unpack_codes(packed, count, bits), codes.int())
+    assert torch.equal(unpack_codes(packed, count, bits, signed), codes.int())
 
 
 def test_two_4bit_codes_per_byte_low_nibble_first():
