@@ -117,6 +117,17 @@ def test_triton_matches_reference(case):
     _check_against_reference("triton", case)
 
 
+# Every bit-width of both operands with both activation signs, on one small odd shape that the
+# triton interpreter can afford.
+BIT_CASES = [((3,), 7, 5, bits, bits, signed, True) for bits in range(2, 9) for signed in (True, False)]
+
+
+@pytest.mark.parametrize("backend", [_backend("cpu"), _backend("triton"), _backend("cuda")])
+@pytest.mark.parametrize("case", BIT_CASES)
+def test_every_bit_width_and_sign_on_a_small_shape(backend, case):
+    _check_against_reference(backend, case)
+
+
 @pytest.mark.skipif("cpu" not in AVAILABLE, reason="fqkernels._cpu not built")
 @pytest.mark.parametrize("a_bits,a_signed", [(8, True), (8, False), (5, False), (2, True)])
 def test_cpu_integer_path_is_exact(a_bits, a_signed):

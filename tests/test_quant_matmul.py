@@ -49,6 +49,18 @@ def test_backend_matches_reference(backend, case):
     _compare_with_reference(backend, a, b, case)
 
 
+# Every bit-width of both operands in every sign combination, on one small odd shape.
+BIT_CASES = [((3, 7), (7, 5), bits, bits, a_signed, b_signed)
+             for bits in range(2, 9) for a_signed in (True, False) for b_signed in (True, False)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BIT_CASES)
+def test_every_bit_width_and_sign_on_a_small_shape(backend, case):
+    a, b = torch.randn(case[0]), torch.randn(case[1])
+    _compare_with_reference(backend, a if case[4] else a.abs(), b if case[5] else b.abs(), case)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_single_key_attention(backend):
     """Q K^T with one key: K^T of k [B, 1, D] is a contiguous [B, D, 1] view whose size-1
