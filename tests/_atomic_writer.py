@@ -1,16 +1,17 @@
 """Child process of tests/test_atomic.py: saves a numbered state to PATH over and over,
-printing the number after each save returns, until it is killed.
+printing the number after each save returns. Save number PAUSE_AT stops inside its write, just
+before the temporary file would be renamed over PATH, prints "paused" and waits to be killed.
 
-    python tests/_atomic_writer.py torch|quant_config|fisher PATH
+    python tests/_atomic_writer.py torch|quant_config|fisher PATH PAUSE_AT
 """
-import pathlib
+import os
 import sys
 import time
 
 import torch
 from torch import nn
 
-SIZE = 1 << 22  # 4 Mi float32 = 16 MiB: a write takes long enough to be killed inside it
+SIZE = 1 << 16  # elements of the saved tensor, checked one by one by the test
 
 
 def writer(kind, path):
@@ -27,19 +28,7 @@ def writer(kind, path):
     if kind == "quant_config":
         from fqdetr.quant import QuantConfig
 
-        # JSON text is written in one quick call; emulate a slow disk (64 KiB chunks, 2 ms
-        # apart) so that the kill can land inside the write rather than in json.dumps.
-        def slow_write_text(self, data, encoding=None, errors=None, newline=None):
-            with open(self, "w", encoding=encoding, errors=errors, newline=newline) as f:
-                for start in range(0, len(data), 1 << 16):
-                    f.write(data[start:start + (1 << 16)])
-                    f.flush()
-                    time.sleep(0.002)
-            return len(data)
-
-        pathlib.Path.write_text = slow_write_text
-
-        cfg = QuantConfig(layers={f"block{k}.*": {"w_bits": 2 + k % 7} for k in range(20000)})
+        cfg = QuantConfig(layers={f"block{k}.*": {"w_bits": 2 + k % 7} for k in range(200)})
 
         def save(i):
             cfg.layers.pop(f"marker{i - 1}", None)
@@ -49,7 +38,7 @@ def writer(kind, path):
     if kind == "fisher":
         from fqdetr.fisher import FisherCollector
 
-        fc = FisherCollector(nn.Sequential(nn.Linear(2048, SIZE // 2048)))
+        fc = FisherCollector(nn.Sequential(nn.Linear(256, SIZE // 256)))
 
         def save(i):
             fc.sums["0"].fill_(i)
@@ -59,9 +48,22 @@ def writer(kind, path):
     raise SystemExit(f"unknown kind {kind!r}")
 
 
+def pause_before_rename():
+    """Replaces os.replace with one that reports and waits forever: the state a kill between a
+    write's last byte and its rename leaves, deterministically."""
+    def paused_replace(src, dst):
+        print("paused", flush=True)
+        while True:
+            time.sleep(60)
+    os.replace = paused_replace
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    save = writer(*sys.argv[1:3])
-    for i in range(10**9):
+    kind, path, pause_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    save = writer(kind, path)
+    for i in range(pause_at + 1):
+        if i == pause_at:
+            pause_before_rename()
         save(i)
         print(i, flush=True)
