@@ -28,6 +28,7 @@ def test_fisher_allocate_ptq_qat_chain(run_dir, capsys):
     assert main(["fisher", *common, "--out", str(run_dir / "f"), "--images", "8"]) == 0
     traces = json.loads((run_dir / "f" / "fisher.json").read_text())
     assert set(traces) == {"overall", "critical", "_meta"} and all(v >= 0 for v in traces["critical"].values())
+    assert sum(traces["critical"].values()) > 0  # squared gradients: all zero would mean none reached a layer
     assert main(["allocate", "--model", str(run_dir / "model.pth"), "--fisher", str(run_dir / "f/fisher.json"),
                  "--out", str(run_dir / "a"), "--budget", "4"]) == 0
     alloc = json.loads((run_dir / "a" / "allocation.json").read_text())
