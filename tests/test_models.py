@@ -116,6 +116,17 @@ def test_trainable_layers_and_dilation():
     assert ResNetBody("resnet50", width=8, dilation=True)(x).shape == (1, 256, 4, 4)
 
 
+def test_from_scratch_presets_train_every_backbone_parameter():
+    """The CPU presets have no pretrained weights to preserve: the stem's BatchNorm affine trains
+    too (it was left frozen at 1 / 0 when the pattern list named conv1 but not bn1)."""
+    from fqdetr.models import build_deformable_detr
+    for model in (build_detr("tiny", num_classes=3, norm="batch"),
+                  build_deformable_detr("deformable_tiny", num_classes=3, norm="batch")):
+        body = model.backbone[0].body
+        assert body.bn1.weight.requires_grad and body.bn1.bias.requires_grad
+        assert all(p.requires_grad for p in model.backbone.parameters())
+
+
 def test_sine_position_encoding_values_and_padding_invariance():
     pe = PositionEmbeddingSine(num_pos_feats=8)
     h, w = 3, 4

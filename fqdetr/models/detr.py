@@ -81,7 +81,7 @@ PRESETS: Dict[str, Dict[str, object]] = {
     # trainable since there are no pretrained weights to preserve.
     "tiny": dict(_OFFICIAL, backbone="resnet18", backbone_width=16, hidden_dim=64, nheads=4,
                  enc_layers=2, dec_layers=2, dim_feedforward=128, num_queries=20,
-                 trainable_layers=("conv1", "layer1", "layer2", "layer3", "layer4")),
+                 trainable_layers=("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")),
     "r18": dict(_OFFICIAL, backbone="resnet18"),
     "r34": dict(_OFFICIAL, backbone="resnet34"),
     "r50": dict(_OFFICIAL, backbone="resnet50"),

@@ -172,7 +172,7 @@ DEFORMABLE_PRESETS: Dict[str, Dict[str, object]] = {
     # on a fixed canvas (200 px: not a multiple of the strides 16-64), so level masks by stride.
     "deformable_tiny": dict(_OFFICIAL, backbone="resnet18", backbone_width=16, hidden_dim=64, nheads=4,
                             enc_layers=2, dec_layers=2, dim_feedforward=128, num_queries=20,
-                            trainable_layers=["conv1", "layer1", "layer2", "layer3", "layer4"],
+                            trainable_layers=["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"],
                             level_masks="strided"),
 }
 
