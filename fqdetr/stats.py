@@ -136,7 +136,7 @@ def _interval(point, low, high):
     return {"diff": float(point), "low": float(low), "high": float(high), "holds": bool(low > 0 or high < 0)}
 
 
-def seed_interval(values, image_samples=None, level=0.95):
+def seed_interval(values, image_samples=None, level=0.95, image_std=None):
     """Mean over seeds and its Student-t interval, {"diff" (the mean), "low", "high", "holds",
     "n", "std"}; undefined values (None, NaN) are left out; n = 1 gives a zero-width interval
     and n = 0 Nones.
@@ -147,7 +147,8 @@ def seed_interval(values, image_samples=None, level=0.95):
     the seed mean: var = std^2 / n + var(image_samples) ("std_images" is the latter's square
     root), with Welch-Satterthwaite degrees of freedom (n - 1) * (var / (std^2 / n))^2 (the
     bootstrap variance, from many resamples, counts as known). Without it the interval treats
-    the val set as fixed.
+    the val set as fixed. ``image_std`` (instead of ``image_samples``): that noise's standard
+    deviation itself, e.g. combined from two studies that did not keep their resamples.
     """
     v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=float)
     if not len(v):
@@ -158,12 +159,18 @@ def seed_interval(values, image_samples=None, level=0.95):
     std = float(v.std(ddof=1))
     seeds_var = var = std ** 2 / len(v)
     extra = {}
+    if image_samples is not None and image_std is not None:
+        raise ValueError("seed_interval: give image_samples or image_std, not both")
     if image_samples is not None:
         d = np.asarray(image_samples, dtype=float)
         d = d[np.isfinite(d)]
         if len(d) < 2:
             raise ValueError(f"image_samples: expected >= 2 finite resamples, got {len(d)}")
-        extra["std_images"] = float(d.std(ddof=1))
+        image_std = float(d.std(ddof=1))
+    if image_std is not None:
+        if not (math.isfinite(image_std) and image_std >= 0):
+            raise ValueError(f"image_std: expected a finite standard deviation >= 0, got {image_std}")
+        extra["std_images"] = float(image_std)
         var += extra["std_images"] ** 2
     df = (len(v) - 1) * (var / seeds_var) ** 2 if seeds_var > 0 else math.inf
     half = float(student_t.ppf((1 + level) / 2, df)) * math.sqrt(var)

@@ -163,3 +163,43 @@ def test_tiny_reproduce_resumes_from_its_cache(tiny_study, capsys):
         assert "another version" in capsys.readouterr().err
     finally:
         model.write_bytes(original)
+
+
+def _summary(num_params, num_classes, gains, std_images):
+    """A study summary holding only what finding 5 reads: the Fisher-critical minus uniform
+    critical-AP comparison, per seed and across seeds."""
+    from fqdetr.stats import seed_interval
+    per_seed = [{"seed": k, "diff": g} for k, g in gains.items()]
+    return {"num_params": num_params, "num_classes": num_classes, "detector": "DETR",
+            "comparisons": [{"a": "ptq fisher-critical-lse", "b": "ptq uniform", "metric": "critical AP",
+                             "per_seed": per_seed,
+                             "across_seeds": seed_interval(list(gains.values()), image_std=std_images)}]}
+
+
+def test_finding5_orders_models_and_widens_each_step_by_both_val_noises():
+    from scipy.stats import t as student_t
+
+    from fqdetr.experiments.scaling import finding5
+    summaries = {"wide32": _summary(300, 32, {0: 4.0, 1: 5.0, 2: 6.0}, 0.4),
+                 "small": _summary(100, 16, {0: 1.0, 1: 1.5, 2: 2.5, 3: 9.0}, 0.6),
+                 "wide16": _summary(300, 16, {0: 2.0, 1: 3.0, 2: 3.5}, 0.0)}
+    growth = finding5(summaries, CFG)
+    assert [m["name"] for m in growth["models"]] == ["small", "wide16", "wide32"]  # parameters, then classes
+    first, second = growth["steps"]
+    # small -> wide16 over the seeds both ran (0-2): differences 1.0, 1.5, 1.0; mean 7/6, std
+    # sqrt(1/12); image noise hypot(0.6, 0.0); Welch-Satterthwaite df = 2 * (var / (std^2 / 3))^2
+    seeds_var = (1 / 12) / 3
+    var = seeds_var + 0.6 ** 2
+    half = student_t.ppf(0.975, 2 * (var / seeds_var) ** 2) * np.sqrt(var)
+    d = first["difference"]
+    assert (first["smaller"], first["larger"]) == ("small", "wide16") and d["n"] == 3
+    assert d["diff"] == pytest.approx(7 / 6) and d["std_images"] == pytest.approx(0.6)
+    assert d["low"] == pytest.approx(7 / 6 - half) and d["high"] == pytest.approx(7 / 6 + half)
+    assert second["difference"]["std_images"] == pytest.approx(0.4)  # hypot(0.0, 0.4)
+    assert second["difference"]["diff"] == pytest.approx(13 / 6)  # 2, 2, 2.5
+    # without the val-image noise the first step would hold (interval [0.45, 1.88]); with it, not
+    bare = finding5({k: _summary(s["num_params"], s["num_classes"],
+                                 {r["seed"]: r["diff"] for r in s["comparisons"][0]["per_seed"]}, 0.0)
+                     for k, s in summaries.items()}, CFG)
+    assert bare["steps"][0]["difference"]["low"] > 0 and d["low"] < 0
+    assert bare["holds"] and not growth["holds"]

@@ -208,3 +208,13 @@ def test_permutation_pvalue_by_hand():
     assert rho == pytest.approx(1.0) and p == pytest.approx(1 / 2001)
     _, p = permutation_pvalue(x, np.random.default_rng(0).permutation(12), permutations=2000)
     assert p > 0.05
+
+
+def test_seed_interval_takes_a_known_image_std():
+    by_samples = seed_interval([1.0, 2.0, 3.0], image_samples=[1.5, 2.5])
+    by_std = seed_interval([1.0, 2.0, 3.0], image_std=np.sqrt(0.5))
+    assert by_std == pytest.approx(by_samples)
+    with pytest.raises(ValueError, match="not both"):
+        seed_interval([1.0, 2.0], image_samples=[1.0, 2.0], image_std=0.1)
+    with pytest.raises(ValueError, match="image_std"):
+        seed_interval([1.0, 2.0], image_std=float("nan"))

@@ -2,7 +2,12 @@
 grows with model size and number of classes. From several models' study summaries (each run on
 its own dataset, e.g. the built-in generator at two category counts): each model's gain, and
 between consecutive models (ordered by parameters, then classes) the difference of gains over
-the seeds both ran, with its t interval; it holds when every such interval lies above 0."""
+the seeds both ran, with its t interval widened by both models' val-image noise (each gain's
+bootstrap standard deviation, added in quadrature: exact for models on different val sets,
+conservative for two on the same images, whose noise is positively correlated); it holds when
+every such interval lies above 0."""
+import math
+
 from fqdetr.stats import seed_interval
 
 
@@ -27,7 +32,9 @@ def finding5(summaries, cfg):
     steps = []
     for (small, big), (gs, gb) in zip(zip(models, models[1:]), zip(per_seed, per_seed[1:])):
         common = [k for k in gs if k in gb and gs[k] is not None and gb[k] is not None]
+        stds = [m["gain"].get("std_images") for m in (small, big)]
+        image_std = math.hypot(*stds) if None not in stds else None
         steps.append({"smaller": small["name"], "larger": big["name"],
-                      "difference": seed_interval([gb[k] - gs[k] for k in common])})
+                      "difference": seed_interval([gb[k] - gs[k] for k in common], image_std=image_std)})
     holds = bool(steps) and all(st["difference"]["low"] is not None and st["difference"]["low"] > 0 for st in steps)
     return {"models": models, "steps": steps, "holds": holds}
