@@ -127,6 +127,30 @@ def test_from_scratch_presets_train_every_backbone_parameter():
         assert all(p.requires_grad for p in model.backbone.parameters())
 
 
+def test_backbone_weights_from_a_detector_checkpoint_or_an_imagenet_file(tmp_path):
+    from fqdetr.models import build_deformable_detr, load_resnet_weights
+    torch.manual_seed(0)
+    source = build_deformable_detr("deformable_tiny", num_classes=3, norm="batch")
+    source.backbone[0].body.bn1.running_mean.normal_()  # a buffer travels too
+    save_detr_checkpoint(source, tmp_path / "deformable.pth")
+    body_sd = source.backbone[0].body.state_dict()
+    torch.save({**body_sd, "fc.weight": torch.zeros(5, 128)}, tmp_path / "imagenet.pth")  # torchvision layout
+    expected = {k: v for k, v in body_sd.items() if not k.endswith("num_batches_tracked")}
+    for file in ("deformable.pth", "imagenet.pth"):
+        # another family, the other norm: only the body's weights and statistics must fit
+        target = build_detr("tiny", num_classes=7, backbone_width=16, dilation=True)
+        head_before = target.class_embed.weight.clone()
+        load_resnet_weights(target, tmp_path / file)
+        got = target.backbone[0].body.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in expected.items()), file
+        assert torch.equal(target.class_embed.weight, head_before)  # nothing outside the body
+    with pytest.raises(ValueError, match=r"shape mismatches: .*conv1.weight: checkpoint \(16, 3, 7, 7\) vs model \(24, 3, 7, 7\)"):
+        load_resnet_weights(build_detr("tiny", num_classes=3, backbone_width=24), tmp_path / "deformable.pth")
+    torch.save({"model": {"class_embed.weight": torch.zeros(3, 4)}}, tmp_path / "headless.pth")
+    with pytest.raises(ValueError, match="missing keys: bn1"):
+        load_resnet_weights(build_detr("tiny", num_classes=3), tmp_path / "headless.pth")
+
+
 def test_sine_position_encoding_values_and_padding_invariance():
     pe = PositionEmbeddingSine(num_pos_feats=8)
     h, w = 3, 4

@@ -13,7 +13,7 @@ from fqdetr.engine import (TrainConfig, evaluate_model, load_training_checkpoint
                            save_training_checkpoint, seed_everything, train_detr)
 from fqdetr.engine import checkpoint as engine_checkpoint
 from fqdetr.engine.setup import checkpoint_geometry
-from fqdetr.models import build_criterion, build_detr, load_detr_checkpoint
+from fqdetr.models import build_criterion, build_detr, load_detr_checkpoint, save_detr_checkpoint
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "detr_tiny_builtin.pth"
 NUM_CLASSES = 16  # categories of the built-in dataset
@@ -139,6 +139,24 @@ def test_cli_registers_train(tiny_data, tmp_path, capsys):
     ckpt = torch.load(tmp_path / "exported.pth", weights_only=True)
     assert ckpt["num_classes"] == NUM_CLASSES and len(ckpt["categories"]) == NUM_CLASSES
     assert ckpt["image_size"] == 48 and ckpt["canvas"] == 64  # default canvas: 4/3 of the image size
+
+
+def test_init_backbone_starts_a_fresh_model_from_a_checkpoints_backbone(tiny_data, tmp_path, capsys):
+    from fqdetr.cli import main
+    from fqdetr.engine.train import TrainConfig
+    from fqdetr.engine.train_job import TrainJob, _model
+    torch.manual_seed(1)
+    source = build_detr("tiny", num_classes=NUM_CLASSES, norm="batch")
+    save_detr_checkpoint(source, tmp_path / "source.pth")
+    job = TrainJob(data=str(tiny_data), train=TrainConfig(epochs=1, out_dir=str(tmp_path / "run")), preset="tiny",
+                   arch={"norm": "batch"}, init_backbone=str(tmp_path / "source.pth"))
+    model = _model(job, NUM_CLASSES)
+    got, src = model.backbone[0].body.state_dict(), source.backbone[0].body.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in src.items())
+    assert not torch.equal(model.class_embed.weight, source.class_embed.weight)  # the rest is fresh
+    rc = main(["train", "--data", str(tiny_data), "--epochs", "1", "--out", str(tmp_path / "run"), "--init-backbone",
+               str(tmp_path / "source.pth"), "--resume", str(tmp_path / "source.pth")])
+    assert rc == 2 and "--init-backbone: not with --resume" in capsys.readouterr().err
 
 
 def _shipped_val(root, num_val):

@@ -119,6 +119,10 @@ def _add_run_options(g):
     g.add_argument("--out", required=True, metavar="DIR", help="output directory")
     g.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue from a checkpoint.pth (architecture and state come from it)")
+    g.add_argument("--init-backbone", default=None, metavar="CKPT",
+                   help="start the ResNet backbone from this file's weights instead of random ones: a "
+                        "DETR or Deformable DETR checkpoint of the same backbone (e.g. "
+                        "models/deformable_tiny_builtin.pth) or a torchvision ImageNet ResNet file")
     g.add_argument("--eval-every", type=positive_int, default=5, metavar="EPOCHS",
                    help="validate every EPOCHS epochs and after the last (default 5)")
     g.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="STEPS",
@@ -162,6 +166,8 @@ def run(args):
     from fqdetr.engine.train import TrainConfig
     from fqdetr.engine.train_job import TrainJob, run_train_job
 
+    if args.init_backbone and args.resume:
+        raise ValueError("--init-backbone: not with --resume (the checkpoint restores every weight)")
     config = TrainConfig(
         epochs=args.epochs, lr=args.lr, lr_backbone=args.lr if args.lr_backbone is None else args.lr_backbone,
         weight_decay=args.weight_decay, lr_drop=args.lr_drop, clip_max_norm=args.clip_max_norm, out_dir=args.out,
@@ -171,5 +177,6 @@ def run(args):
         data=args.data, train=config, image_size=args.image_size, canvas=args.canvas, batch_size=args.batch_size,
         num_workers=args.num_workers, train_limit=args.train_limit, val_limit=args.val_limit, preset=args.preset,
         arch=_arch(args), eos_coef=args.eos_coef, seed=args.seed, threads=args.threads, export=args.export,
+        init_backbone=args.init_backbone,
         command=" ".join(["fqdetr"] + sys.argv[1:]) if sys.argv else ""))
     return 0

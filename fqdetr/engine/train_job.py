@@ -24,7 +24,7 @@ from fqdetr.engine.loader import make_loader
 from fqdetr.engine.setup import load_datasets
 from fqdetr.engine.train import TrainConfig, train_detr
 from fqdetr.io import atomic_write, write_json
-from fqdetr.models import load_detr_checkpoint
+from fqdetr.models import load_detr_checkpoint, load_resnet_weights
 from fqdetr.models.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ class TrainJob:
         evaluations during training; the final report uses the whole val split).
     preset: a DETR or Deformable DETR preset (fqdetr.engine.family.build_model); arch: keyword
         overrides of the preset. seed: init, data order and augmentation. threads: torch CPU
-        threads. export: copy best.pth there at the end.
+        threads. export: copy best.pth there at the end. init_backbone: a checkpoint (or ImageNet
+        ResNet file) whose backbone weights replace the fresh model's (load_resnet_weights).
     command: the command line, stored in the checkpoints as ``train_command``.
     """
 
@@ -64,6 +65,7 @@ class TrainJob:
     seed: int = 42
     threads: Optional[int] = None
     export: Optional[str] = None
+    init_backbone: Optional[str] = None
     command: str = ""
 
 
@@ -100,7 +102,11 @@ def _datasets(job: TrainJob, resumed: Optional[Mapping]):
 def _model(job: TrainJob, num_classes: int):
     if job.train.resume:
         return load_detr_checkpoint(job.train.resume)
-    return build_model(job.preset, num_classes=num_classes, **job.arch)
+    model = build_model(job.preset, num_classes=num_classes, **job.arch)
+    if job.init_backbone:
+        load_resnet_weights(model, job.init_backbone)
+        log.info("backbone initialised from %s", job.init_backbone)
+    return model
 
 
 def _train(job: TrainJob, info) -> Dict[str, Any]:

@@ -265,11 +265,18 @@ def save_detr_checkpoint(model: nn.Module, path, args: Optional[Mapping] = None,
     atomic_torch_save(payload, path)
 
 
-def load_resnet_weights(model: DETR, path) -> DETR:
-    """Load torchvision-format ImageNet ResNet weights (e.g. resnet50-0676ba61.pth) into
-    the DETR backbone, ignoring the classifier ``fc``; strict otherwise."""
-    sd = read_checkpoint(path)
-    sd = {k: v for k, v in sd.get("state_dict", sd).items() if not k.startswith("fc.")}
+def load_resnet_weights(model: nn.Module, path) -> nn.Module:
+    """Load ResNet weights into a DETR's or Deformable DETR's backbone body (``backbone.0.body``):
+    from a torchvision-format ImageNet file (e.g. resnet50-0676ba61.pth; its classifier ``fc``
+    is ignored) or from a DETR / Deformable DETR checkpoint, ours or official (its
+    ``backbone.0.body.*``; the rest of the file is ignored). Strict otherwise: ValueError
+    listing missing keys and shape mismatches (e.g. another backbone width)."""
+    ckpt = read_checkpoint(path)
+    if "model" in ckpt:  # a detector checkpoint: its backbone body
+        body_prefix = "backbone.0.body."
+        sd = {k[len(body_prefix):]: v for k, v in _state_dict_of(ckpt, path).items() if k.startswith(body_prefix)}
+    else:
+        sd = {k: v for k, v in ckpt.get("state_dict", ckpt).items() if not k.startswith("fc.")}
     body = model.backbone[0].body
     sd, missing, unexpected, shapes = _mismatches(body, sd)
     if missing or unexpected or shapes:
