@@ -187,19 +187,34 @@ def test_finding5_orders_models_and_widens_each_step_by_both_val_noises():
     assert [m["name"] for m in growth["models"]] == ["small", "wide16", "wide32"]  # parameters, then classes
     first, second = growth["steps"]
     # small -> wide16 over the seeds both ran (0-2): differences 1.0, 1.5, 1.0; mean 7/6, std
-    # sqrt(1/12); image noise hypot(0.6, 0.0); Welch-Satterthwaite df = 2 * (var / (std^2 / 3))^2
+    # sqrt(1/12). Image noise: small's std of its 4-seed mean, 0.6, bounded for 3 seeds by
+    # 0.6 * sqrt(4/3), in quadrature with wide16's 0; Welch-Satterthwaite df = 2 * (var / (std^2 / 3))^2
     seeds_var = (1 / 12) / 3
-    var = seeds_var + 0.6 ** 2
+    var = seeds_var + 0.6 ** 2 * 4 / 3
     half = student_t.ppf(0.975, 2 * (var / seeds_var) ** 2) * np.sqrt(var)
     d = first["difference"]
     assert (first["smaller"], first["larger"]) == ("small", "wide16") and d["n"] == 3
-    assert d["diff"] == pytest.approx(7 / 6) and d["std_images"] == pytest.approx(0.6)
+    assert d["diff"] == pytest.approx(7 / 6) and d["std_images"] == pytest.approx(0.6 * np.sqrt(4 / 3))
     assert d["low"] == pytest.approx(7 / 6 - half) and d["high"] == pytest.approx(7 / 6 + half)
-    assert second["difference"]["std_images"] == pytest.approx(0.4)  # hypot(0.0, 0.4)
+    assert second["difference"]["std_images"] == pytest.approx(0.4)  # hypot(0.0, 0.4), 3 of 3 seeds
     assert second["difference"]["diff"] == pytest.approx(13 / 6)  # 2, 2, 2.5
+    assert not first["holds"] and second["holds"] and not growth["holds"]
     # without the val-image noise the first step would hold (interval [0.45, 1.88]); with it, not
     bare = finding5({k: _summary(s["num_params"], s["num_classes"],
                                  {r["seed"]: r["diff"] for r in s["comparisons"][0]["per_seed"]}, 0.0)
                      for k, s in summaries.items()}, CFG)
     assert bare["steps"][0]["difference"]["low"] > 0 and d["low"] < 0
-    assert bare["holds"] and not growth["holds"]
+    assert bare["holds"]
+
+
+def test_finding5_steps_need_two_shared_seeds_and_known_image_noise():
+    from fqdetr.experiments.scaling import finding5
+    one_shared = finding5({"a": _summary(100, 16, {0: 1.0, 1: 1.1}, 0.1),
+                           "b": _summary(200, 16, {1: 3.0, 2: 3.1}, 0.1)}, CFG)
+    step = one_shared["steps"][0]
+    assert step["difference"]["n"] == 1 and step["difference"]["low"] > 0  # a zero-width "interval"
+    assert not step["holds"] and not one_shared["holds"]
+    unknown = {"a": _summary(100, 16, {0: 1.0, 1: 1.1}, 0.1), "b": _summary(200, 16, {0: 3.0, 1: 3.2}, 0.1)}
+    del unknown["a"]["comparisons"][0]["across_seeds"]["std_images"]
+    step = finding5(unknown, CFG)["steps"][0]
+    assert step["difference"]["low"] > 0 and not step["holds"]

@@ -146,6 +146,13 @@ def test_backbone_weights_from_a_detector_checkpoint_or_an_imagenet_file(tmp_pat
         assert torch.equal(target.class_embed.weight, head_before)  # nothing outside the body
     with pytest.raises(ValueError, match=r"shape mismatches: .*conv1.weight: checkpoint \(16, 3, 7, 7\) vs model \(24, 3, 7, 7\)"):
         load_resnet_weights(build_detr("tiny", num_classes=3, backbone_width=24), tmp_path / "deformable.pth")
+    # FrozenBatchNorm files (official checkpoints) have no num_batches_tracked: a BatchNorm model takes them
+    frozen = build_detr("tiny", num_classes=3, backbone_width=16)
+    frozen.backbone[0].body.bn1.running_var.uniform_(0.5, 2.0)  # not the fresh model's ones
+    save_detr_checkpoint(frozen, tmp_path / "frozen.pth")
+    target = build_detr("tiny", num_classes=3, backbone_width=16, norm="batch")
+    load_resnet_weights(target, tmp_path / "frozen.pth")
+    assert torch.equal(target.backbone[0].body.bn1.running_var, frozen.backbone[0].body.bn1.running_var)
     torch.save({"model": {"class_embed.weight": torch.zeros(3, 4)}}, tmp_path / "headless.pth")
     with pytest.raises(ValueError, match="missing keys: bn1"):
         load_resnet_weights(build_detr("tiny", num_classes=3), tmp_path / "headless.pth")

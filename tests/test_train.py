@@ -145,6 +145,7 @@ def test_init_backbone_starts_a_fresh_model_from_a_checkpoints_backbone(tiny_dat
     from fqdetr.cli import main
     from fqdetr.engine.train import TrainConfig
     from fqdetr.engine.train_job import TrainJob, _model
+    from fqdetr.io import file_sha256
     torch.manual_seed(1)
     source = build_detr("tiny", num_classes=NUM_CLASSES, norm="batch")
     save_detr_checkpoint(source, tmp_path / "source.pth")
@@ -154,9 +155,30 @@ def test_init_backbone_starts_a_fresh_model_from_a_checkpoints_backbone(tiny_dat
     got, src = model.backbone[0].body.state_dict(), source.backbone[0].body.state_dict()
     assert all(torch.equal(got[k], v) for k, v in src.items())
     assert not torch.equal(model.class_embed.weight, source.class_embed.weight)  # the rest is fresh
-    rc = main(["train", "--data", str(tiny_data), "--epochs", "1", "--out", str(tmp_path / "run"), "--init-backbone",
-               str(tmp_path / "source.pth"), "--resume", str(tmp_path / "source.pth")])
+    # the record of where the backbone started survives a resume, into best.pth
+    common = ["train", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--batch-size", "4",
+              "--image-size", "48", "--norm", "batch", "--no-progress", "--train-limit", "8"]
+    assert main([*common, "--epochs", "1", "--init-backbone", str(tmp_path / "source.pth")]) == 0
+    assert main([*common, "--epochs", "2", "--resume", str(tmp_path / "run" / "checkpoint.pth")]) == 0
+    for name in ("checkpoint.pth", "best.pth"):
+        init = torch.load(tmp_path / "run" / name, weights_only=True)["init_backbone"]
+        assert init == {"path": str(tmp_path / "source.pth"), "sha256": file_sha256(tmp_path / "source.pth")}
+    rc = main([*common, "--epochs", "1", "--init-backbone", str(tmp_path / "source.pth"),
+               "--resume", str(tmp_path / "run" / "checkpoint.pth")])
     assert rc == 2 and "--init-backbone: not with --resume" in capsys.readouterr().err
+
+
+def test_trainable_layers_flag_gives_back_the_shipped_models_list():
+    from fqdetr.cli import build_parser
+    from fqdetr.cli.train import _arch
+    from fqdetr.engine.family import build_model
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--epochs", "1", "--norm", "batch",
+                                      "--trainable-layers", "conv1,layer1,layer2,layer3,layer4"])
+    arch = _arch(args)
+    assert arch["trainable_layers"] == list(torch.load(SHIPPED, weights_only=True)["args"]["trainable_layers"])
+    body = build_model("tiny", num_classes=3, **arch).backbone[0].body
+    assert body.conv1.weight.requires_grad and body.layer1[0].bn1.weight.requires_grad
+    assert not body.bn1.weight.requires_grad  # as the shipped models trained
 
 
 def _shipped_val(root, num_val):

@@ -16,9 +16,18 @@ Several processes (DistributedDataParallel; gloo on CPU, nccl with --device cuda
 --batch-size is then per process; rank 0 logs, evaluates and writes OUT; --resume loads the
 same checkpoint on every rank.
 """
+import argparse
 import sys
 
 from fqdetr.cli._common import positive_float, positive_int
+
+def _name_parts(text):
+    """argparse type of --trainable-layers: "conv1,layer1" -> ["conv1", "layer1"]."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names like layer2,layer3, got {text!r}")
+    return parts
+
 
 ARCH_FLAGS = {  # flag -> (type, keyword of detr_from_config and deformable_detr_from_config, help)
     "--hidden-dim": (int, "hidden_dim", "transformer width"),
@@ -29,6 +38,10 @@ ARCH_FLAGS = {  # flag -> (type, keyword of detr_from_config and deformable_detr
     "--num-queries": (int, "num_queries", "object queries (>= max objects per image)"),
     "--dropout": (float, "dropout", "transformer dropout"),
     "--backbone-width": (int, "backbone_width", "ResNet stem width (64 = standard)"),
+    "--trainable-layers": (_name_parts, "trainable_layers",
+                           "comma-separated parts of backbone parameter names that train, e.g. "
+                           "conv1,layer1,layer2,layer3,layer4: the list the shipped models were trained with "
+                           "(the stem's bn1 frozen), to reproduce them"),
 }
 DEFORMABLE_FLAGS = {  # flag -> (type, deformable_detr_from_config keyword, help): Deformable DETR only
     "--num-feature-levels": (int, "num_feature_levels", "feature levels (1: layer4 only, or >= 3)"),
@@ -166,8 +179,6 @@ def run(args):
     from fqdetr.engine.train import TrainConfig
     from fqdetr.engine.train_job import TrainJob, run_train_job
 
-    if args.init_backbone and args.resume:
-        raise ValueError("--init-backbone: not with --resume (the checkpoint restores every weight)")
     config = TrainConfig(
         epochs=args.epochs, lr=args.lr, lr_backbone=args.lr if args.lr_backbone is None else args.lr_backbone,
         weight_decay=args.weight_decay, lr_drop=args.lr_drop, clip_max_norm=args.clip_max_norm, out_dir=args.out,

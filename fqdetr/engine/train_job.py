@@ -23,7 +23,7 @@ from fqdetr.engine.family import build_model, criterion_for, family_of
 from fqdetr.engine.loader import make_loader
 from fqdetr.engine.setup import load_datasets
 from fqdetr.engine.train import TrainConfig, train_detr
-from fqdetr.io import atomic_write, write_json
+from fqdetr.io import atomic_write, file_sha256, write_json
 from fqdetr.models import load_detr_checkpoint, load_resnet_weights
 from fqdetr.models.checkpoint import read_checkpoint
 
@@ -68,6 +68,10 @@ class TrainJob:
     init_backbone: Optional[str] = None
     command: str = ""
 
+    def __post_init__(self):
+        if self.init_backbone and self.train.resume:
+            raise ValueError("--init-backbone: not with --resume (the resumed checkpoint restores every weight)")
+
 
 def run_train_job(job: TrainJob) -> Dict[str, Any]:
     """Runs ``job`` in this process, as one rank of a torchrun launch when there is one (the
@@ -109,6 +113,14 @@ def _model(job: TrainJob, num_classes: int):
     return model
 
 
+def _backbone_init(job: TrainJob, resumed: Optional[Mapping]) -> Optional[Dict[str, str]]:
+    """{"path", "sha256"} of the file the backbone started from: this job's --init-backbone, or the
+    resumed checkpoint's record; None for a backbone trained from its random init."""
+    if job.init_backbone:
+        return {"path": job.init_backbone, "sha256": file_sha256(job.init_backbone)}
+    return (resumed or {}).get("init_backbone")
+
+
 def _train(job: TrainJob, info) -> Dict[str, Any]:
     if job.threads:
         torch.set_num_threads(job.threads)
@@ -128,6 +140,9 @@ def _train(job: TrainJob, info) -> Dict[str, Any]:
     extra = {"categories": coco.coco.dataset["categories"], "label_to_cat_id": list(coco.label_to_cat_id),
              "num_classes": coco.num_classes, "image_size": job.image_size, "canvas": canvas,
              "family": family_of(model).name, "train_command": job.command}
+    init = _backbone_init(job, resumed)
+    if init:  # kept through resumes: best.pth says where its backbone started
+        extra["init_backbone"] = init
     config = dataclasses.replace(job.train, checkpoint_extra=dict(job.train.checkpoint_extra or {}, **extra))
     if info.is_main:
         os.makedirs(config.out_dir, exist_ok=True)

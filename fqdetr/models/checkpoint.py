@@ -203,7 +203,8 @@ def _mismatches(model: nn.Module, sd: Mapping[str, Tensor]):
     expected = model.state_dict()
     # nn.BatchNorm2d counters are meaningless for FrozenBatchNorm2d, which drops them.
     sd = {k: v for k, v in sd.items() if k in expected or not k.endswith("num_batches_tracked")}
-    missing = sorted(set(expected) - set(sd))
+    # ... and a FrozenBatchNorm2d file (official checkpoints) has none for an nn.BatchNorm2d model.
+    missing = sorted(k for k in set(expected) - set(sd) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(sd) - set(expected))
     shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
                     for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
