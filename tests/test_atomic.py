@@ -60,7 +60,10 @@ def _kill_in_save(kind, folder):
     try:
         lines, printed = _lines(proc), []
         while not printed or printed[-1] not in ("paused", None):
-            printed.append(lines.get(timeout=120))
+            try:
+                printed.append(lines.get(timeout=120))
+            except queue.Empty:
+                pytest.fail(f"the writer printed nothing for 120 s after {printed}")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
