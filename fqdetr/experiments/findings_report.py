@@ -97,5 +97,5 @@ def render_finding5(growth):
               "| smaller | larger | gain difference over seeds | seeds | holds |", "|---|---|---|---|---|"]
     lines += [f"| `{st['smaller']}` | `{st['larger']}` | {_interval(st['difference'])} | {st['difference']['n']} "
               f"| {'yes' if st['holds'] else 'no'} |" for st in growth["steps"]]
-    lines += ["", f"Finding 5 holds: {'yes' if growth['holds'] else 'no'} (every step holds)."]
+    lines += ["", f"Finding 5 holds: {'yes' if growth['holds'] else 'no'} (it needs every step to hold)."]
     return "\n".join(lines) + "\n"
