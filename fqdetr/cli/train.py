@@ -21,6 +21,7 @@ import sys
 
 from fqdetr.cli._common import positive_float, positive_int
 
+
 def _name_parts(text):
     """argparse type of --trainable-layers: "conv1,layer1" -> ["conv1", "layer1"]."""
     parts = [part.strip() for part in text.split(",")]
