@@ -5,6 +5,8 @@ Codes of 5..8-bit weights are stored as int8, of 2..4-bit weights as int4 (ONNX'
 smallest integer type, opset 21 or later); a 2- or 3-bit weight uses only its own
 code range of the type. Zero points are 0 (symmetric codes, docs/METHOD.md section 5).
 """
+from collections import Counter
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -31,18 +33,22 @@ def _integer_tensor(name, dtype, codes):
     return helper.make_tensor(name, dtype, list(codes.shape), codes.reshape(-1).tolist())
 
 
-def _dequantize_node(node, weight, opset, graph):
-    """The DequantizeLinear replacing placeholder ``node``; adds its initializers to ``graph``."""
+def _dequantize_node(node, weight, opset, graph, use):
+    """The DequantizeLinear replacing placeholder ``node``, the ``use``-th placeholder of its
+    weight; the first adds the weight's initializers to ``graph``. A layer called more than once
+    per forward leaves one placeholder per call (box refinement calls each decoder layer's
+    bbox_embed in the decoder and in the head): they share one set of initializers."""
     key = node.attribute[0].s.decode()
     dtype = weight_type(weight.bits, opset, weight.layer)
-    channels = weight.scale.numel()
-    graph.initializer.extend([
-        _integer_tensor(f"{key}.codes", dtype, weight.codes),
-        numpy_helper.from_array(weight.scale.numpy().astype(np.float32), f"{key}.scale"),
-        _integer_tensor(f"{key}.zero_point", dtype, weight.codes.new_zeros(channels)),
-    ])
+    if use == 0:
+        graph.initializer.extend([
+            _integer_tensor(f"{key}.codes", dtype, weight.codes),
+            numpy_helper.from_array(weight.scale.numpy().astype(np.float32), f"{key}.scale"),
+            _integer_tensor(f"{key}.zero_point", dtype, weight.codes.new_zeros(weight.scale.numel())),
+        ])
+    name = f"{key}.DequantizeLinear" + (f".{use}" if use else "")
     return helper.make_node("DequantizeLinear", [f"{key}.codes", f"{key}.scale", f"{key}.zero_point"],
-                            list(node.output), name=f"{key}.DequantizeLinear", axis=weight.axis)
+                            list(node.output), name=name, axis=weight.axis)
 
 
 def lower_weight_markers(model, weights, opset):
@@ -50,10 +56,12 @@ def lower_weight_markers(model, weights, opset):
     DequantizeLinear of the WeightCodes ``weights`` {key: WeightCodes}; sets the default
     domain's opset to ``opset`` and drops the placeholder domain."""
     graph = model.graph
-    nodes = []
+    nodes, uses = [], Counter()
     for node in graph.node:
         if node.domain == MARKER_DOMAIN:
-            node = _dequantize_node(node, weights[node.attribute[0].s.decode()], opset, graph)
+            key = node.attribute[0].s.decode()
+            node = _dequantize_node(node, weights[key], opset, graph, uses[key])
+            uses[key] += 1
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
