@@ -14,7 +14,8 @@ method's time over the float floor's time in the same round; medians over rounds
                (integer linears and oneDNN int8 convolutions) | reference | torch.ao
 
 Cases: the shipped tiny DETR at batch 4 (images 160 rows high on its 200x200 canvas), the tiny
-Deformable DETR likewise (models/deformable_tiny_builtin.pth, or --deformable-weights, else the
+Deformable DETR likewise (models/warm_start/deformable_tiny_builtin.pth, the 0.98 M model shipped
+until 2026-12-06 and measured in benchmarks/RESULTS.md, or --deformable-weights, else the
 preset with random weights) and, with random weights at batch 2, 512x672, DETR-R50 and
 Deformable R50 (FQ_BENCH_R50=1 adds them under pytest). --quick runs the tiny models and
 DETR-R50 (Deformable R50 with --cases deformable_r50: its float step alone took 67 s) and ends
@@ -46,7 +47,7 @@ from baselines import reference_backend, torch_ao_ops
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "models" / "detr_tiny_builtin.pth"
-SHIPPED_DEFORMABLE = ROOT / "models" / "deformable_tiny_builtin.pth"
+SHIPPED_DEFORMABLE = ROOT / "models" / "warm_start" / "deformable_tiny_builtin.pth"
 CASES = {  # name: (model, batch, canvas height, canvas width, image rows inside the canvas)
     "tiny DETR B=4": ("detr_tiny", 4, 200, 200, 160),
     "DETR-R50 B=2": ("r50", 2, 512, 672, 512),

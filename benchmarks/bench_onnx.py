@@ -9,8 +9,8 @@ time in the same round; medians over rounds: bench_e2e's protocol).
                activations), onnxruntime's CPU provider with as many threads as torch
 
 W4A8 with the family's 8-bit first conv and heads (fqdetr.engine.quantize.quantize_detr),
-activation scales calibrated on the batch. Cases: the shipped tiny DETR and tiny Deformable
-DETR on their 200 px canvas at batch 1 and 4; with --cases r50 deformable (FQ_BENCH_R50=1 under pytest) DETR-R50 and
+activation scales calibrated on the batch. Cases: the shipped tiny DETR and the 0.98 M tiny
+Deformable DETR shipped until 2026-12-06 (models/warm_start/) on their 200 px canvas at batch 1 and 4; with --cases r50 deformable (FQ_BENCH_R50=1 under pytest) DETR-R50 and
 Deformable DETR R50 with random weights at batch 1, 512x672.
 
 Run:  python benchmarks/bench_onnx.py [--cases tiny r50 deformable] [--threads 1] [--rounds 5]
@@ -52,7 +52,7 @@ METHODS = ("float", "fake quant", "onnxruntime")
 
 def _float_model(case):
     if case.startswith("tiny Deformable"):
-        return load_detr_checkpoint(SHIPPED / "deformable_tiny_builtin.pth")
+        return load_detr_checkpoint(SHIPPED / "warm_start" / "deformable_tiny_builtin.pth")
     if case.startswith("tiny"):
         return load_detr_checkpoint(SHIPPED / "detr_tiny_builtin.pth")
     if case.startswith("DETR-R50"):

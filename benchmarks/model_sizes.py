@@ -1,12 +1,12 @@
 """The README's size table: float checkpoint, packed W4A8 checkpoint and ONNX file, in MiB.
 
     OMP_NUM_THREADS=1 python benchmarks/model_sizes.py                 # every row
-    OMP_NUM_THREADS=1 python benchmarks/model_sizes.py --cases tiny    # the shipped tiny models only
+    OMP_NUM_THREADS=1 python benchmarks/model_sizes.py --cases tiny    # the shipped models only
 
 Each model is quantized as the CLI does (fqdetr.engine.quantize.quantize_detr: W4A8, the family's
 8-bit first conv and heads), its activation scales calibrated on one random batch (sizes do not
 depend on the scales' values), then written with fqdetr.export.save_packed and, for the shipped
-tiny models, fqdetr.export.export_onnx. "float checkpoint" is the shipped .pth file for the tiny
+models, fqdetr.export.export_onnx. "float checkpoint" is the shipped .pth file for the shipped
 models; the R50 presets (random weights, 91 classes) are written with save_detr_checkpoint. The
 ratio is float checkpoint / packed. Prints a markdown table.
 """
@@ -31,11 +31,11 @@ MODELS = ROOT / "models"
 # row name: (shipped file or preset, calibration image size, ONNX exported)
 CASES = {
     "shipped tiny DETR": ("detr_tiny_builtin.pth", (200, 200), True),
-    "shipped tiny Deformable DETR": ("deformable_tiny_builtin.pth", (200, 200), True),
+    "shipped Deformable DETR": ("deformable_small_builtin.pth", (200, 200), True),
     "DETR-R50": ("r50", (128, 160), False),
     "Deformable DETR R50": ("deformable_r50", (128, 160), False),
 }
-CASE_OPTIONS = {"tiny": ["shipped tiny DETR", "shipped tiny Deformable DETR"],
+CASE_OPTIONS = {"tiny": ["shipped tiny DETR", "shipped Deformable DETR"],
                 "r50": ["DETR-R50", "Deformable DETR R50"]}
 MIB = 2 ** 20
 

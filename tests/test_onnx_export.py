@@ -159,9 +159,15 @@ def test_unknown_quantized_layer_type_is_refused(exported, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_deformable_detr_exports_with_grid_sample_dynamic_batch_and_image_size(tmp_path):
+# Box refinement calls each decoder layer's box head twice per forward (in the decoder and in
+# the head): one set of initializers, one DequantizeLinear per call. Two-stage is exported too
+# (test_two_stage_deformable_detr_exports), but not compared here: with random weights its
+# encoder's class scores nearly tie, and its top-k proposals change with float rounding.
+@pytest.mark.parametrize("variant", [{}, {"with_box_refine": True}])
+def test_deformable_detr_exports_with_grid_sample_dynamic_batch_and_image_size(tmp_path, variant):
     torch.manual_seed(0)
-    qmodel = quantize_model(build_deformable_detr("deformable_tiny", num_classes=5).eval(), QuantConfig(w_bits=4))
+    qmodel = quantize_model(build_deformable_detr("deformable_tiny", num_classes=5, **variant).eval(),
+                            QuantConfig(w_bits=4))
     calibrate(qmodel, [_batch(2, 64, 64, pad=14)], progress=False)
     qmodel.eval()
     export_onnx(qmodel, tmp_path / "deformable.onnx", example_size=(64, 64))
@@ -180,12 +186,26 @@ def test_deformable_detr_exports_with_grid_sample_dynamic_batch_and_image_size(t
     assert_parity(got, expected)
 
 
+def test_two_stage_deformable_detr_exports(tmp_path):
+    torch.manual_seed(0)
+    qmodel = quantize_model(build_deformable_detr("deformable_tiny", num_classes=5, with_box_refine=True,
+                                                  two_stage=True).eval(), QuantConfig(w_bits=4))
+    calibrate(qmodel, [_batch(2, 64, 64, pad=14)], progress=False)
+    export_onnx(qmodel.eval(), tmp_path / "two_stage.onnx", example_size=(64, 64))
+    names = [i.name for i in onnx.load(tmp_path / "two_stage.onnx").graph.initializer]
+    assert len(names) == len(set(names))
+    out = OnnxDetector(tmp_path / "two_stage.onnx")(_batch(3, 96, 72))
+    queries = qmodel.num_queries
+    assert out["pred_logits"].shape == (3, queries, 5) and out["pred_boxes"].shape == (3, queries, 4)  # sigmoid head
+    assert torch.isfinite(out["pred_logits"]).all() and ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
+
+
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
 # min_ap says the model is a working detector, so that the comparison means something.
 @pytest.mark.slow
-@pytest.mark.parametrize("shipped, min_ap", [("detr_tiny_builtin.pth", 0.3), ("deformable_tiny_builtin.pth", 0.25)])
+@pytest.mark.parametrize("shipped, min_ap", [("detr_tiny_builtin.pth", 0.3), ("deformable_small_builtin.pth", 0.35)])
 def test_shipped_model_map_matches_through_onnxruntime(tmp_path, shipped, min_ap):
     """Val mAP of each W4A8 shipped model on the 500 generated val images (the full val split of
     the built-in dataset): onnxruntime within 0.2 AP point (0.002) of torch, the issue's target.

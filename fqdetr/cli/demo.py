@@ -29,7 +29,7 @@ def add_parser(subparsers):
     p.add_argument("--budget", type=positive_float, default=4.0, help="average weight bits of the allocations (default 4)")
     # Their defaults depend on the detector (fqdetr.experiments.demo.DEMO_SIZES), so None here.
     p.add_argument("--qat-steps", type=positive_int, default=None,
-                   help="QAT steps per variant (default: 40 for DETR, 20 for Deformable DETR)")
+                   help="QAT steps per variant (default: 40 for DETR, 8 for Deformable DETR)")
     p.add_argument("--fisher-images", type=positive_int, default=None,
                    help="training images for the Fisher traces (default: 48 for DETR, 48 for Deformable DETR)")
     p.add_argument("--eval-images", type=positive_int, default=None,

@@ -136,7 +136,7 @@ def _add_run_options(g):
     g.add_argument("--init-backbone", default=None, metavar="CKPT",
                    help="start the ResNet backbone from this file's weights instead of random ones: a "
                         "DETR or Deformable DETR checkpoint of the same backbone (e.g. "
-                        "models/deformable_tiny_builtin.pth) or a torchvision ImageNet ResNet file")
+                        "models/warm_start/deformable_tiny_builtin.pth) or a torchvision ImageNet ResNet file")
     g.add_argument("--eval-every", type=positive_int, default=5, metavar="EPOCHS",
                    help="validate every EPOCHS epochs and after the last (default 5)")
     g.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="STEPS",

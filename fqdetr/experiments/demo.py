@@ -49,7 +49,7 @@ PICTURE_METHODS = ("float", "ptq uniform w4a8", "ptq fisher-critical")
 # two thirds of each section. Both at DETR's sizes would be ~650 CPU s, a little over the limit
 # on 2 threads, so Deformable DETR's section runs half the QAT steps (~530 CPU s in all).
 DEMO_SIZES = {"detr": {"qat_steps": 40, "fisher_images": 48, "eval_images": 120},
-              "deformable_detr": {"qat_steps": 20, "fisher_images": 48, "eval_images": 120}}
+              "deformable_detr": {"qat_steps": 8, "fisher_images": 48, "eval_images": 120}}
 
 
 def _data(model_path, data_dir, image_size, eval_images, fisher_images, batch_size, seed):
