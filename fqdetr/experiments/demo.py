@@ -43,11 +43,11 @@ PICTURE_SCORE = {"softmax": 0.5, "sigmoid": 0.3}
 PICTURE_METHODS = ("float", "ptq uniform w4a8", "ptq fisher-critical")
 # The demo's sizes per detector family (fqdetr.models.checkpoint_family), so that both shipped
 # detectors run in the 6 minutes on 2 cores. DETR's are those the README's numbers were
-# measured with. Measured in one process at 1 thread (CPU seconds, batch 8, deformable_tiny vs
-# the shipped DETR): a plain QAT step 0.61 vs 0.73, a regularised one 4.3 vs 5.4, Fisher 0.10 vs
-# 0.12 and a quantized forward 0.034 vs 0.036 per image: the regularised QAT steps are about
-# two thirds of each section. Both at DETR's sizes would be ~650 CPU s, a little over the limit
-# on 2 threads, so Deformable DETR's section runs half the QAT steps (~530 CPU s in all).
+# measured with. The regularised QAT steps dominate each section: in `make demo` (2 threads,
+# 2026-12-06, docs/demo/*/results.json "timings") DETR's 40 took 154 s of its 224 s. The shipped
+# Deformable DETR (2.22 M, box refinement) costs 2.3x the 0.98 M one it replaced per forward +
+# backward (batch 8, 1 thread: 900 against 394 ms), 5.3 s per regularised step; at 8 QAT steps its
+# section took 110 s (42 s the regularised steps), both 340 s; at 20 it would pass 6 minutes.
 DEMO_SIZES = {"detr": {"qat_steps": 40, "fisher_images": 48, "eval_images": 120},
               "deformable_detr": {"qat_steps": 8, "fisher_images": 48, "eval_images": 120}}
 
