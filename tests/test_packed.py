@@ -107,6 +107,26 @@ def test_deformable_round_trip_is_bit_exact(tmp_path):
     assert torch.equal(got["pred_boxes"], expected["pred_boxes"])
 
 
+def test_box_refinement_heads_are_stored_once_as_codes(tmp_path):
+    """With box refinement the decoder holds the head's box layers under a second name: the
+    packed file stores their codes once, no float copy under the other name, and loads them
+    shared again."""
+    torch.manual_seed(0)
+    model = build_deformable_detr("deformable_tiny", num_classes=5, with_box_refine=True)
+    for head in model.bbox_embed:  # the preset zero-initialises the last layer: refinement would do nothing
+        torch.nn.init.normal_(head.layers[-1].weight, std=0.05)
+    qmodel = _quantized(model)
+    save_packed(qmodel, tmp_path / "refine.fqp")
+    state = torch.load(tmp_path / "refine.fqp", weights_only=True)["state"]
+    assert not [k for k in state if "bbox_embed" in k and k.endswith(".weight")]  # codes only
+    loaded = load_packed(tmp_path / "refine.fqp")
+    assert loaded.bbox_embed[1] is loaded.transformer.decoder.bbox_embed[1]
+    images, mask = _inputs()
+    expected, got = qmodel((images, mask)), loaded((images, mask))
+    assert torch.equal(got["pred_logits"], expected["pred_logits"])
+    assert torch.equal(got["pred_boxes"], expected["pred_boxes"])
+
+
 def test_float_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="model: expected a quantized model"):
         save_packed(build_detr("tiny", num_classes=3), tmp_path / "x.fqp")

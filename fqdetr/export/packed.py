@@ -55,6 +55,21 @@ def _header(model, weights, extra_state, metadata):
             "weights": weights, "extra_state": extra_state, "metadata": metadata or {}}
 
 
+def _aliases(model):
+    """{state key: the first key of the same tensor} for every state entry that a module
+    registered under two names repeats (box refinement's decoder holds the head's box layers
+    as transformer.decoder.bbox_embed.*, the same modules as bbox_embed.*)."""
+    first, aliases = {}, {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if id(value) in first:
+            aliases[key] = first[id(value)]
+        else:
+            first[id(value)] = key
+    return aliases
+
+
 @torch.no_grad()
 def save_packed(model, path, metadata=None):
     """Writes the quantized ``model`` to ``path`` atomically; returns the path.
@@ -71,10 +86,10 @@ def save_packed(model, path, metadata=None):
         layer_codes = reference.integer_codes(weight.detach().float(), wq.scale.detach(), wq.bits, True, axis=0)
         codes[key] = pack_codes(layer_codes, wq.bits)
         weights[key] = {"layer": name, "bits": wq.bits, "shape": list(weight.shape)}
-    state, extra_state = {}, {}
+    state, extra_state, aliases = {}, {}, _aliases(model)
     for key, value in model.state_dict().items():
         if isinstance(value, torch.Tensor):
-            if key not in weights:
+            if key not in weights and key not in aliases:  # a shared tensor is stored once
                 state[key] = value.detach().cpu().clone()
         else:
             extra_state[key] = value
@@ -134,6 +149,7 @@ def load_packed(path, with_metadata=False):
     config = QuantConfig(layers=header["quant_layers"], skip=header["float_layers"])
     model = quantize_model(float_model, config, inplace=True)
     sd.update(header["extra_state"])
+    sd.update({alias: sd[key] for alias, key in _aliases(model).items() if alias not in sd and key in sd})
     model.load_state_dict(sd, strict=True)
     model.eval()
     return (model, header["metadata"]) if with_metadata else model
