@@ -179,7 +179,7 @@ def test_trainable_layers_flag_gives_back_the_shipped_models_list():
     assert arch["trainable_layers"] == list(torch.load(SHIPPED, weights_only=True)["args"]["trainable_layers"])
     body = build_model("tiny", num_classes=3, **arch).backbone[0].body
     assert body.conv1.weight.requires_grad and body.layer1[0].bn1.weight.requires_grad
-    assert not body.bn1.weight.requires_grad  # as the shipped models trained
+    assert not body.bn1.weight.requires_grad  # as the shipped DETR trained
 
 
 def _shipped_val(root, num_val, path=SHIPPED):
